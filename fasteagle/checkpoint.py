@@ -1,0 +1,113 @@
+"""The one on-disk format every converter writes and every loader reads.
+
+A checkpoint directory holds:
+  config.json        {"format": "fasteagle-v1", "kind": "target" | "draft", "model": {...ModelArgs or DraftArgs...},
+                      "tokenizer": {...} (targets), "bos_token_id", "eos_token_ids", "chat_template", "source"}
+  model.safetensors  weights under this package's module names (e.g. layers.0.attn.wq.weight)
+  tokenizer files    whatever `tokenizer.json`'s "tokenizer" entry names (targets only)
+"""
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fasteagle.errors import FastEagleError
+
+FORMAT = "fasteagle-v1"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+def read_config(ckpt_dir, kind: str) -> dict:
+    ckpt_dir = Path(ckpt_dir)
+    cfg_path = ckpt_dir / CONFIG
+    if not ckpt_dir.is_dir():
+        raise FastEagleError(f"{ckpt_dir}: not a directory")
+    if not cfg_path.is_file() or not (ckpt_dir / WEIGHTS).is_file():
+        raise FastEagleError(
+            f"{ckpt_dir}: not a fasteagle checkpoint (expected {CONFIG} and {WEIGHTS}; "
+            f"convert a model first with `python -m fasteagle.convert`)"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FastEagleError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("format") != FORMAT:
+        raise FastEagleError(f"{cfg_path}: unknown format {cfg.get('format')!r} (expected {FORMAT!r})")
+    if cfg.get("kind") != kind:
+        raise FastEagleError(f"{ckpt_dir}: is a {cfg.get('kind')!r} checkpoint, expected a {kind!r} checkpoint")
+    return cfg
+
+
+def load_weights(module: torch.nn.Module, ckpt_dir, device="cpu", dtype=torch.float32, skip=()):
+    """Load model.safetensors into `module`, checking that names and shapes match exactly."""
+    path = Path(ckpt_dir) / WEIGHTS
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FastEagleError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    for name in skip:
+        state.pop(name, None)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise FastEagleError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise FastEagleError(
+                f"{path}: {name} has shape {tuple(t.shape)} but the config implies {tuple(expected[name].shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+    return module.to(device=device, dtype=dtype)
+
+
+@contextmanager
+def atomic_output_dir(out_dir):
+    """Yield a temporary directory beside `out_dir`; rename it into place only if the body succeeds,
+    so a failed conversion never leaves a half-written checkpoint."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FastEagleError(f"{out_dir}: output directory exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_checkpoint(out_dir, config: dict, state_dict: dict):
+    """Write config + weights into an (already created, e.g. by atomic_output_dir) directory."""
+    out_dir = Path(out_dir)
+    config = {"format": FORMAT, **config}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(out_dir / WEIGHTS))
+    (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | None = None):
+    """Load a converted target model. Returns (Transformer with its cache set up, config dict)."""
+    from fasteagle.model import ModelArgs, Transformer
+
+    cfg = read_config(ckpt_dir, "target")
+    try:
+        args = ModelArgs.from_dict(cfg["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FastEagleError(f"{ckpt_dir}/{CONFIG}: bad model config: {e}") from None
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device="cpu")
+    model = load_weights(model, ckpt_dir, device=device, dtype=dtype)
+    model.setup_cache(max_seq_len or args.max_position_embeddings)
+    return model.eval(), cfg
