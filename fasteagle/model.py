@@ -2,11 +2,12 @@
 
 One forward serves prefill, decode, tree verification and batched data generation:
 
-    hidden = model(tokens[B, T], positions[B, T], cache_len[B], attn_mask[T, T] or [B, T, T])
+    hidden = model(tokens[B, T], positions[B, T], cache_len[B], attn_mask[T, W] or [B, T, W])   (W >= T)
 
-The new K/V of the T query tokens are written to cache slots cache_len[b] + [0, T). Query i of row b sees every
-cache slot j < cache_len[b] plus the slots of the new block where attn_mask[i, j - cache_len[b]] is true: a causal
-mask for prefill/decode, the tree's ancestor mask for verification. Positions (for RoPE) are independent of slots,
+The key block is the W cache slots [cache_len[b], cache_len[b] + W); the new K/V of the T query tokens are written
+to its last T slots (W == T except for the draft head's tree steps, whose queries also see earlier tree levels).
+Query i of row b sees every slot j < cache_len[b] plus the block slots where attn_mask[i, j - cache_len[b]] is
+true: a causal mask for prefill/decode, the tree's ancestor mask for verification. Positions (for RoPE) are independent of slots,
 so a tree node at depth d sits at position cache_len + d while occupying slot cache_len + its index.
 `forward` returns the final-normed hidden state (exactly the LM head's input, the feature EAGLE-1/2 heads consume);
 `logits(hidden)` applies the LM head. Rotary embeddings use the Hugging Face (rotate-half) layout.
@@ -112,14 +113,15 @@ class KVCache(nn.Module):
 def visible_keys(cache_len: torch.Tensor, attn_mask: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     """Which cache slots each query may attend to: [B, 1, T, max_seq_len] bool.
 
-    cache_len: [B] int64; attn_mask: [T, T] or [B, T, T] bool over the new block (row = query, col = key)."""
-    T = attn_mask.shape[-1]
+    cache_len: [B] int64. attn_mask: [T, W] or [B, T, W] bool over the key block [cache_len, cache_len + W)
+    (row = query, col = key); every slot below cache_len is visible, every slot past the block is not."""
+    T, W = attn_mask.shape[-2:]
     if attn_mask.dim() == 2:
-        attn_mask = attn_mask.unsqueeze(0).expand(cache_len.shape[0], T, T)
+        attn_mask = attn_mask.unsqueeze(0).expand(cache_len.shape[0], T, W)
     slot = torch.arange(max_seq_len, device=cache_len.device)
-    rel = slot[None, :] - cache_len[:, None]  # [B, S]: slot index relative to the new block
-    in_block = (rel >= 0) & (rel < T)
-    block = torch.gather(attn_mask, 2, rel.clamp(0, T - 1)[:, None, :].expand(-1, T, -1))  # [B, T, S]
+    rel = slot[None, :] - cache_len[:, None]  # [B, S]: slot index relative to the key block
+    in_block = (rel >= 0) & (rel < W)
+    block = torch.gather(attn_mask, 2, rel.clamp(0, W - 1)[:, None, :].expand(-1, T, -1))  # [B, T, S]
     visible = (rel < 0)[:, None, :] | (in_block[:, None, :] & block)
     return visible.unsqueeze(1)
 
@@ -190,41 +192,52 @@ class Transformer(nn.Module):
         self.attn_backend = "sdpa"
 
     def setup_cache(self, max_seq_len: int, batch: int = 1, attn_backend: str = "sdpa"):
-        """Preallocate the KV cache (in the model's dtype and device) and the RoPE table.
-        attn_backend: "sdpa" (PyTorch, dense mask over the whole cache; any device) or "triton"
-        (the tree-attention kernel, which reads only slots [0, cache_len + T); CUDA)."""
-        if max_seq_len < 1:
-            raise ValueError("max_seq_len must be positive")
-        if attn_backend not in ("sdpa", "triton"):
-            raise ValueError(f"unknown attention backend {attn_backend!r}")
-        a, p = self.args, self.embed.weight
-        shape = (a.n_layers, batch, a.n_kv_heads, max_seq_len, a.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
-        for i, layer in enumerate(self.layers):
-            layer.attn.kv_cache = KVCache(self.k_cache[i], self.v_cache[i])
-            layer.attn.backend = attn_backend
-        self.register_buffer("rope", rope_cache(a, max_seq_len).to(p.device), persistent=False)
-        self.max_seq_len = max_seq_len
-        self.attn_backend = attn_backend
+        setup_static_cache(self, max_seq_len, batch, attn_backend)
 
     def forward(self, tokens, positions, cache_len, attn_mask):
-        """tokens, positions: [B, T] int64; cache_len: [B] int64; attn_mask: [T, T] or [B, T, T] bool.
+        """tokens, positions: [B, T] int64; cache_len: [B] int64; attn_mask: [T, W] or [B, T, W] bool, W >= T.
         Returns the final-normed hidden state [B, T, dim]."""
-        B, T = tokens.shape
-        slots = cache_len[:, None] + torch.arange(T, device=tokens.device)[None, :]
-        visible = None if self.attn_backend == "triton" else visible_keys(cache_len, attn_mask, self.max_seq_len)
-        cos_sin = self.rope[positions]
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, cos_sin, slots, cache_len, attn_mask, visible)
-        return self.norm(x)
+        return self.norm(run_layers(self, self.embed(tokens), positions, cache_len, attn_mask))
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.output is None else self.output.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight()).float()
+
+
+def setup_static_cache(model: nn.Module, max_seq_len: int, batch: int = 1, attn_backend: str = "sdpa"):
+    """Preallocate `model`'s KV cache (its dtype and device) and RoPE table; `model` has .args, .layers, .embed
+    (the target) or an embedding-sized weight to copy dtype/device from (the draft head).
+    attn_backend: "sdpa" (PyTorch, dense mask over the whole cache; any device) or "triton"
+    (the tree-attention kernel, which reads only slots [0, cache_len + W); CUDA)."""
+    if max_seq_len < 1:
+        raise ValueError("max_seq_len must be positive")
+    if attn_backend not in ("sdpa", "triton"):
+        raise ValueError(f"unknown attention backend {attn_backend!r}")
+    a = model.args
+    p = next(model.layers.parameters())
+    shape = (len(model.layers), batch, a.n_kv_heads, max_seq_len, a.head_dim)
+    model.register_buffer("k_cache", torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
+    model.register_buffer("v_cache", torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
+    for i, layer in enumerate(model.layers):
+        layer.attn.kv_cache = KVCache(model.k_cache[i], model.v_cache[i])
+        layer.attn.backend = attn_backend
+    model.register_buffer("rope", rope_cache(a, max_seq_len).to(p.device), persistent=False)
+    model.max_seq_len = max_seq_len
+    model.attn_backend = attn_backend
+
+
+def run_layers(model: nn.Module, x, positions, cache_len, attn_mask):
+    """Run `model.layers` over x [B, T, dim] with the static cache; see the module docstring for the mask."""
+    T, W = x.shape[1], attn_mask.shape[-1]
+    # The T new tokens occupy the last T slots of the key block [cache_len, cache_len + W).
+    slots = cache_len[:, None] + (W - T) + torch.arange(T, device=x.device)[None, :]
+    visible = None if model.attn_backend == "triton" else visible_keys(cache_len, attn_mask, model.max_seq_len)
+    cos_sin = model.rope[positions]
+    for layer in model.layers:
+        x = layer(x, cos_sin, slots, cache_len, attn_mask, visible)
+    return x
 
 
 def causal_mask(T: int, device=None) -> torch.Tensor:
