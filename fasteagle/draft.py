@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fasteagle.checkpoint import load_weights, read_config
+from fasteagle.checkpoint import atomic_output_dir, load_weights, read_config, write_checkpoint
 from fasteagle.errors import FastEagleError
 from fasteagle.model import ModelArgs, TransformerBlock, run_layers, setup_static_cache
 
@@ -35,8 +35,9 @@ class DraftHead(nn.Module):
                 f"draft head (hidden {self.args.dim}, vocab {self.args.vocab_size}) does not fit the target "
                 f"(hidden {target.args.dim}, vocab {target.args.vocab_size})"
             )
-        self.embed_weight = target.embed.weight
-        self.lm_head_weight = target.lm_head_weight()
+        # object.__setattr__: keep them plain attributes, so they are neither saved with nor moved by the head
+        object.__setattr__(self, "embed_weight", target.embed.weight)
+        object.__setattr__(self, "lm_head_weight", target.lm_head_weight())
         return self
 
     def setup_cache(self, max_seq_len: int, attn_backend: str = "sdpa"):
@@ -63,3 +64,11 @@ def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32) -> DraftHead
     head.bind(target)  # check the fit before reading weights
     head = load_weights(head, ckpt_dir, device=device, dtype=dtype)
     return head.bind(target).eval()
+
+
+def save_draft(head: DraftHead, out_dir, extra: dict | None = None):
+    """Write a draft checkpoint that `load_draft` (and `generate --draft`) reads. `extra` goes into config.json
+    (e.g. {"source": ..., "training": ...})."""
+    config = {"kind": "draft", "model": head.args.to_dict(), "fc_bias": head.fc.bias is not None, **(extra or {})}
+    with atomic_output_dir(out_dir) as tmp:
+        write_checkpoint(tmp, config, head.state_dict())
