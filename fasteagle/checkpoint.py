@@ -96,7 +96,8 @@ def write_checkpoint(out_dir, config: dict, state_dict: dict):
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | None = None):
+def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
+                attn_backend: str = "sdpa"):
     """Load a converted target model. Returns (Transformer with its cache set up, config dict)."""
     from fasteagle.model import ModelArgs, Transformer
 
@@ -109,5 +110,5 @@ def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | 
         model = Transformer(args)
     model = model.to_empty(device="cpu")
     model = load_weights(model, ckpt_dir, device=device, dtype=dtype)
-    model.setup_cache(max_seq_len or args.max_position_embeddings)
+    model.setup_cache(max_seq_len or args.max_position_embeddings, attn_backend=attn_backend)
     return model.eval(), cfg

@@ -9,9 +9,8 @@ One speculative round, all on device with fixed shapes (one compiled graph, CUDA
     commit: target K/V of the accepted path -> slots L .. L + accept_len; draft extends on (hidden[path], emitted)
     L += accept_len + 1; the bonus token becomes the next root
 
-State between rounds: L (committed cache length, shared by target and draft), root (the last emitted token, not
-yet in the cache) and root_out (the draft's output at L - 1, its guess of the root's feature). The host reads one
-small tensor per round: the number of emitted tokens and the tokens.
+State between rounds lives in three device tensors updated in place (see __init__). The host reads one small
+tensor per round: the number of emitted tokens and the tokens.
 """
 import time
 from dataclasses import dataclass, field
@@ -51,6 +50,31 @@ def kv_commit_torch(k_cache, v_cache, cache_len, path, n_valid):
     cache_len.add_(n_valid)
 
 
+@torch.no_grad()
+def auto_total_tokens(target, candidates=(40, 48, 50, 56, 60), gains=(1.0, 1.05, 1.07, 1.1, 1.13), reps=10) -> int:
+    """Pick the EAGLE-2 verify width from measured verify latency, as the reference's total_token=-1 does:
+    the candidate minimising latency / expected gain (a wider tree accepts a little more; the gains are the
+    reference's). Uses the cache slots [0, N) as scratch: call it before generating."""
+    dev = target.embed.weight.device
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    costs = []
+    for n, gain in zip(candidates, gains):
+        n = min(n, target.max_seq_len)
+        tokens = torch.zeros(1, n, dtype=torch.long, device=dev)
+        pos = torch.arange(n, device=dev)[None]
+        mask = causal_mask(n, dev)
+        target.logits(target(tokens, pos, zero, mask))  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            target.logits(target(tokens, pos, zero, mask))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        costs.append((time.perf_counter() - t0) / gain)
+    return min(candidates[costs.index(min(costs))], target.max_seq_len)
+
+
 class SpecEngine:
     def __init__(self, target, draft=None, *, tree: str = "dynamic", depth: int = DEFAULT_DEPTH,
                  top_k: int = DEFAULT_TOP_K, total_tokens: int = DEFAULT_TOTAL_TOKENS, static_choices=None,
@@ -82,6 +106,13 @@ class SpecEngine:
                 raise FastEagleError("draft temperature must be > 0")
             # the draft writes up to max(tree block, D+1) slots past L; give it that much headroom
             draft.setup_cache(self.max_seq_len + max(draft_block, self.depth + 1), attn_backend=target.attn_backend)
+        # Round-to-round state, updated in place by the phases so that captured graphs always read and write the
+        # same addresses: L (committed cache length, shared by target and draft), the root (last emitted token,
+        # not yet in the cache) and root_out (the draft's output at L - 1, its guess of the root's feature).
+        dev = self.device
+        self.cache_len = torch.zeros(1, dtype=torch.long, device=dev)
+        self.root = torch.zeros(1, dtype=torch.long, device=dev)
+        self.root_out = torch.zeros(target.args.dim, dtype=target.embed.weight.dtype, device=dev)
         self.compiled = compile
         self._round_fn, self._decode_fn, self._prefill_fn = self._round, self._decode, self._prefill
         if compile:
@@ -91,6 +122,9 @@ class SpecEngine:
 
     def _compile(self):
         cuda = self.device.type == "cuda"
+        if cuda:  # state mutated in place must keep its address for CUDA-graph replay
+            for t in (self.cache_len, self.root, self.root_out):
+                torch._dynamo.mark_static_address(t)
         # reduce-overhead = inductor + CUDA graphs: one graph replay per round on GPU. fullgraph so that a graph
         # break (which would split the round and add host syncs) fails loudly instead of silently slowing down.
         mode = "reduce-overhead" if cuda else "default"
@@ -100,46 +134,52 @@ class SpecEngine:
         self._prefill_fn = torch.compile(self._prefill, fullgraph=True, dynamic=False)
 
     def _prefill(self, tokens, length, params: SamplingParams, race):
-        """tokens [1, Tb] (prompt padded to a bucket), length [1] = real prompt length T.
-        Returns (first token [1], root_out [dim] or None)."""
+        """tokens [1, Tb] (the prompt padded to a bucket), length [1] = the real prompt length T.
+        Sets the state (L = T, root = the first new token, root_out) and returns the first token [1]."""
         Tb = tokens.shape[1]
         pos = torch.arange(Tb, device=tokens.device)[None]
         zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
         hidden = self.target(tokens, pos, zero, causal_mask(Tb, tokens.device))  # [1, Tb, dim]
         last = hidden[0].index_select(0, length - 1)  # [1, dim]
         first = choose_tokens(self.target.logits(last), params, race)  # [1]
-        if self.draft is None:
-            return first, None
-        # draft pairs (feature t, token t+1): tokens shifted left, the new token placed after the prompt
-        nxt = torch.cat([tokens[0, 1:], tokens.new_zeros(1)]).scatter(0, length - 1, first)
-        out = self.draft(nxt[None], hidden, pos, zero, causal_mask(Tb, tokens.device))[0]
-        return first, out.index_select(0, length - 1)[0]
+        self.cache_len.copy_(length)
+        self.root.copy_(first)
+        if self.draft is not None:
+            # draft pairs (feature t, token t+1): tokens shifted left, the new token placed after the prompt
+            nxt = torch.cat([tokens[0, 1:], tokens.new_zeros(1)]).scatter(0, length - 1, first)
+            out = self.draft(nxt[None], hidden, pos, zero, causal_mask(Tb, tokens.device))[0]
+            self.root_out.copy_(out.index_select(0, length - 1)[0])
+        return first
 
-    def _decode(self, token, cache_len, params: SamplingParams, race):
-        """Plain AR step: token [1] at position cache_len -> next token [1]; cache_len advances in place."""
-        hidden = self.target(token[None], cache_len[None], cache_len, causal_mask(1, token.device))
+    def _decode(self, params: SamplingParams, race):
+        """Plain AR step: the root at position L -> the next token [1]."""
+        L = self.cache_len
+        hidden = self.target(self.root[None], L[None], L, causal_mask(1, L.device))
         nxt = choose_tokens(self.target.logits(hidden[0]), params, race)
-        cache_len.add_(1)
+        L.add_(1)
+        self.root.copy_(nxt)
         return nxt
 
-    def _round(self, root, root_out, cache_len, params: SamplingParams, race):
-        """One speculative round. Returns (packed [D+2] = (n_emitted, emitted tokens...), next root [1],
-        next root_out [dim]); cache_len advances in place."""
+    def _round(self, params: SamplingParams, race):
+        """One speculative round. Returns packed [D+2] = (number of emitted tokens, the tokens, padding)."""
+        L, root = self.cache_len, self.root
         if self.tree_kind == "dynamic":
-            tree = build_dynamic_tree(self.draft, root, root_out, cache_len, self.depth, self.top_k,
+            tree = build_dynamic_tree(self.draft, root, self.root_out, L, self.depth, self.top_k,
                                       self.tree_size, self.draft_temperature)
         else:
-            tree = build_static_tree(self.draft, self.static_shape, root, root_out, cache_len, self.draft_temperature)
-        hidden = self.target(tree.tokens[None], (cache_len + tree.depth)[None], cache_len, tree.mask)[0]  # [N, dim]
+            tree = build_static_tree(self.draft, self.static_shape, root, self.root_out, L, self.draft_temperature)
+        hidden = self.target(tree.tokens[None], (L + tree.depth)[None], L, tree.mask)[0]  # [N, dim]
         choice = choose_tokens(self.target.logits(hidden), params, race)  # [N]
         accept_len, path, emitted = accept(tree, choice)
         P = path.shape[0]
         # draft extend on the accepted path: (target feature at path[d], the token that followed it)
-        pos = cache_len + torch.arange(P, device=root.device)
-        out = self.draft(emitted[None], hidden[path][None], pos[None], cache_len, causal_mask(P, root.device))[0]
-        kv_commit_torch(self.target.k_cache, self.target.v_cache, cache_len, path, accept_len + 1)
+        pos = L + torch.arange(P, device=L.device)
+        out = self.draft(emitted[None], hidden[path][None], pos[None], L, causal_mask(P, L.device))[0]
         n = accept_len + 1
-        return torch.cat([n, emitted]), emitted.index_select(0, accept_len), out.index_select(0, accept_len)[0]
+        kv_commit_torch(self.target.k_cache, self.target.v_cache, L, path, n)  # L += n
+        self.root.copy_(emitted.index_select(0, accept_len))
+        self.root_out.copy_(out.index_select(0, accept_len)[0])
+        return torch.cat([n, emitted])
 
     # --- the host loop ---------------------------------------------------------------------------------------
 
@@ -188,9 +228,8 @@ class SpecEngine:
         Tb = self._bucket(T)
         tokens = torch.zeros(1, Tb, dtype=torch.long, device=dev)
         tokens[0, :T] = torch.tensor(prompt_ids, dtype=torch.long)
-        first, root_out = self._prefill_fn(tokens, torch.tensor([T], device=dev), params, self._race(1, params, generator))
-        cache_len = torch.tensor([T], device=dev)
-        L, produced, root = T, 0, first
+        first = self._prefill_fn(tokens, torch.tensor([T], device=dev), params, self._race(1, params, generator))
+        L, produced = T, 0
 
         def emit(new):
             nonlocal produced
@@ -213,21 +252,16 @@ class SpecEngine:
             if speculative and L + self.tree_size > self.max_seq_len:
                 speculative = False  # too close to the end of the cache for a whole tree: finish token by token
             if speculative:
-                packed, root, root_out = self._round_fn(root, root_out, cache_len, params,
-                                                        self._race(self.tree_size, params, generator))
-                if self.compiled and dev.type == "cuda":  # outputs of a CUDA graph are overwritten by its next replay
-                    root, root_out = root.clone(), root_out.clone()
+                packed = self._round_fn(params, self._race(self.tree_size, params, generator))
                 vals = packed.tolist()  # the one host sync of the round
                 n = vals[0]
                 result.accept_lens.append(n)
                 L += n
                 yield emit(vals[1 : 1 + n])
             elif L < self.max_seq_len:
-                root = self._decode_fn(root, cache_len, params, self._race(1, params, generator))
-                if self.compiled and dev.type == "cuda":
-                    root = root.clone()
+                nxt = self._decode_fn(params, self._race(1, params, generator))
                 L += 1
-                yield emit(root.tolist())
+                yield emit(nxt.tolist())
             else:
                 result.stop_reason = "cache_full"
 

@@ -36,14 +36,15 @@ def accept(tree: Tree, target_choice: torch.Tensor):
     match[0] = True
     reachable = ~(tree.mask & ~match[None, :]).any(-1)  # every ancestor-or-self matches
     # the deepest reachable node (siblings carry distinct tokens, so at most one reachable node per depth)
-    best = torch.argmax(torch.where(reachable, tree.depth, -1))
-    accept_len = tree.depth[best].reshape(1)
-    path = tree.paths[best]  # [D+1], -1 padded
+    # (index_select with a [1] tensor, not t[best]: a 0-d tensor index would be read on the host)
+    best = torch.argmax(torch.where(reachable, tree.depth, -1)).reshape(1)
+    accept_len = tree.depth.index_select(0, best)
+    path = tree.paths.index_select(0, best)[0]  # [D+1], -1 padded
     D1 = path.shape[0]
     next_nodes = torch.cat([path[1:], path.new_full((1,), -1)])
     emitted = torch.where(
         torch.arange(D1, device=path.device) < accept_len,
         tree.tokens[next_nodes.clamp(0, N - 1)],
-        target_choice[best],
+        target_choice.index_select(0, best),
     )
     return accept_len, path.clamp(min=0), emitted
