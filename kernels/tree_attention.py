@@ -1,0 +1,278 @@
+"""Tree-masked attention over the static KV cache (Triton), with its PyTorch reference.
+
+    out = tree_attention(q, k_cache, v_cache, cache_len, attn_mask)        # [B, Hq, T, D]
+
+q: [B, Hq, T, D], the T new query tokens (a draft tree / verify block, a decode step, or a prefill chunk).
+k_cache, v_cache: [B, Hkv, S, D], the static cache; the new block's K/V are already in slots cache_len[b] + [0, T).
+cache_len: [B] int64 on the device (never read on the host). attn_mask: [T, T] (or [B, T, T]) bool over the new
+block. Query i of row b sees every slot < cache_len[b] and slot cache_len[b] + j iff attn_mask[i, j]; nothing else.
+This is exactly F.scaled_dot_product_attention with fasteagle.model.visible_keys(...) as the mask (the reference).
+
+Kernel layout (flash-decoding style):
+- One program handles BLOCK_M "rows" of one (batch row b, KV head): row r = g * T + t is query token t of the g-th
+  query head sharing that KV head, so GQA reads each K/V tile once for the whole group and never materialises
+  repeated K/V. Decode (T=1) with 4 heads per group still fills a 16-row tile.
+- Keys are read only from [0, L), L = cache_len[b] + T, with L loaded on the device. [0, L) is cut into NSPLIT
+  equal chunks of whole key blocks (the chunk size is computed on the device from L; NSPLIT is a static function
+  of the shapes), one program per chunk; chunks past L run no iterations. A second small kernel merges the
+  per-chunk (max, sum, acc) as log-sum-exp weights. NSPLIT == 1 (long prefill chunks) writes the output directly.
+- Within a chunk, blocks entirely below cache_len (all visible) run without any masking; only the blocks that
+  overlap [cache_len, L) load the tree mask. The mask is passed as the caller's bool tensor (viewed as uint8),
+  not packed to bits: it works for any T (prefill chunks > 64 included), costs no extra packing launch, and a
+  [BLOCK_M, BLOCK_N] tile of a T x T byte matrix is an L2 hit on the one or two blocks that need it.
+- Softmax in fp32 in the log2 domain (exp2), fp32 accumulation; P is cast to V's dtype for the PV product.
+A query row that sees no key at all (impossible with an ancestor mask, whose diagonal is set) gets zeros, where
+SDPA would give NaN.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fasteagle.errors import FastEagleError
+from fasteagle.kernels._common import Launcher, cdiv, dot, dot_precision, num_sms, use_kernels
+
+
+def tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale=None):
+    """Dense-mask SDPA over the whole cache: what fasteagle/model.py computes on the sdpa backend."""
+    from fasteagle.model import visible_keys
+
+    visible = visible_keys(cache_len, attn_mask, k_cache.shape[2])
+    return F.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1]
+    )
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, T, t, row_ok, offs_d,
+    sks, skd, svs, svd, smq, smk, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        key_ok = offs_n < L
+        k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd, mask=key_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd)  # [D, BLOCK_N]
+    s = dot(q, k, DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+    if MASKED:
+        rel = offs_n - cl  # key position relative to the new block
+        in_block = (rel >= 0) & (rel < T)
+        bits = tl.load(
+            mask_base + t[:, None] * smq + rel[None, :] * smk, mask=row_ok[:, None] & in_block[None, :], other=0
+        )
+        visible = ((rel < 0)[None, :] | (bits != 0)) & key_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: avoid inf - inf
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd)  # [BLOCK_N, D]
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _tree_attn_fwd(
+    Q, K, V, CacheLen, Mask, Out, PartO, PartLse,
+    sqb, sqh, sqt, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    smb, smq, smk,
+    sob, soh, sot, sod,
+    qk_scale, T, S, N_ROWS, HKV,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NSPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bh // HKV).to(tl.int64)
+    hkv = (pid_bh % HKV).to(tl.int64)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row = g * T + t
+    row_ok = rows < N_ROWS
+    g = rows // T
+    t = rows % T
+    head = hkv * G + g
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
+    )
+
+    cl = tl.load(CacheLen + b).to(tl.int32)
+    L = tl.minimum(cl + T, S)
+    per_split = tl.cdiv(tl.cdiv(L, BLOCK_N), NSPLIT) * BLOCK_N  # keys per chunk, whole blocks
+    lo = pid_s * per_split
+    hi = tl.minimum(lo + per_split, L)
+    full_hi = tl.minimum(hi, (cl // BLOCK_N) * BLOCK_N)  # blocks below here are entirely < cache_len
+
+    k_base = K + b * skb + hkv * skh
+    v_base = V + b * svb + hkv * svh
+    mask_base = Mask + b * smb
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(lo, full_hi, BLOCK_N):  # everything visible: no mask work at all
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, T, t, row_ok, offs_d,
+            sks, skd, svs, svd, smq, smk, qk_scale, BLOCK_N, False, DOT_PREC,
+        )
+    for start in range(tl.maximum(lo, full_hi), hi, BLOCK_N):  # blocks overlapping the new block (or L)
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, T, t, row_ok, offs_d,
+            sks, skd, svs, svd, smq, smk, qk_scale, BLOCK_N, True, DOT_PREC,
+        )
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    if NSPLIT == 1:
+        out_ptr = Out + b * sob + head[:, None] * soh + t[:, None] * sot + offs_d[None, :] * sod
+        tl.store(out_ptr, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (pid_bh * NSPLIT + pid_s).to(tl.int64) * N_ROWS + rows  # [B*Hkv, NSPLIT, N_ROWS] index
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # empty chunk: weight 0
+        tl.store(PartLse + part, lse, mask=row_ok)
+        tl.store(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+
+
+@triton.jit
+def _tree_attn_merge(
+    PartO, PartLse, Out, sob, soh, sot, sod, T, N_ROWS, HKV,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NSPLIT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hkv = (pid_bh % HKV).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N_ROWS
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for s in range(NSPLIT):
+        part = (pid_bh * NSPLIT + s).to(tl.int64) * N_ROWS + rows
+        lse = tl.load(PartLse + part, mask=row_ok, other=float("-inf"))
+        live = row_ok & (lse > float("-inf"))  # skip reading the partial output of empty chunks
+        o = tl.load(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        l = l * alpha + w
+        m = m_new
+    o = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    g = rows // T
+    t = rows % T
+    head = hkv * G + g
+    out_ptr = Out + b * sob + head[:, None] * soh + t[:, None] * sot + offs_d[None, :] * sod
+    tl.store(out_ptr, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+# Tuned on the GPU per (rows per program, head dim, splits, group size, dtypes); BLOCK_M is chosen on the host
+# because the grid and the split heuristic depend on it.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
+]
+# Under the interpreter: small key blocks, so short test caches still cross block and chunk boundaries.
+_fwd = Launcher(_tree_attn_fwd, _FWD_CONFIGS, ["BLOCK_M", "HEAD_DIM", "NSPLIT", "G"], triton.Config({"BLOCK_N": 32}))
+
+MAX_SPLITS = 32
+MIN_KEYS_PER_SPLIT = 256
+
+
+def _block_m(n_rows: int) -> int:
+    return 16 if n_rows <= 16 else 32 if n_rows <= 32 else 64
+
+
+def default_num_splits(batch: int, n_kv_heads: int, n_rows: int, max_seq_len: int, device: torch.device) -> int:
+    """Chunks of the key range per (row, KV head, row block): enough programs to fill the GPU about twice, but
+    no chunk shorter than MIN_KEYS_PER_SPLIT keys when the cache is full. Static: a function of shapes only."""
+    programs = batch * n_kv_heads * cdiv(n_rows, _block_m(n_rows))
+    by_occupancy = (2 * num_sms(device)) // programs
+    by_length = cdiv(max_seq_len, MIN_KEYS_PER_SPLIT)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+@torch.library.custom_op("fasteagle::tree_attention", mutates_args=())
+def _tree_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor,
+    attn_mask: torch.Tensor, scale: float, num_splits: int,
+) -> torch.Tensor:
+    if not use_kernels(q):
+        return tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale).contiguous()
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    n_rows = G * T
+    block_m = _block_m(n_rows)
+    nsplit = num_splits if num_splits > 0 else default_num_splits(B, Hkv, n_rows, S, q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    mask = attn_mask.view(torch.uint8)  # same bytes; avoids i1 pointers
+    smb = mask.stride(0) if mask.dim() == 3 else 0
+    smq, smk = mask.stride(-2), mask.stride(-1)
+    if nsplit > 1:
+        part_o = torch.empty((B * Hkv, nsplit, n_rows, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B * Hkv, nsplit, n_rows), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    grid = (cdiv(n_rows, block_m), B * Hkv, nsplit)
+    _fwd[grid](
+        q, k_cache, v_cache, cache_len, mask, out, part_o, part_lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), smb, smq, smk, *out.stride(),
+        scale * math.log2(math.e), T, S, n_rows, Hkv,
+        G=G, HEAD_DIM=D, BLOCK_M=block_m, NSPLIT=nsplit, DOT_PREC=dot_precision(q.dtype),
+    )
+    if nsplit > 1:
+        _tree_attn_merge[(cdiv(n_rows, block_m), B * Hkv)](
+            part_o, part_lse, out, *out.stride(), T, n_rows, Hkv,
+            G=G, HEAD_DIM=D, BLOCK_M=block_m, NSPLIT=nsplit,
+        )
+    return out
+
+
+@_tree_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_len, attn_mask, scale, num_splits):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def tree_attention(q, k_cache, v_cache, cache_len, attn_mask, scale=None, num_splits=None):
+    """Attention of q [B, Hq, T, D] over k/v_cache [B, Hkv, S, D] slots [0, cache_len[b] + T) with the tree mask
+    on the new block (see the module docstring). Returns a contiguous [B, Hq, T, D] tensor in q's dtype.
+    num_splits: chunks of the key range (None: default_num_splits, a function of shapes only)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise FastEagleError(f"tree_attention: bad shapes q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
+                             f"v {tuple(v_cache.shape)}")
+    B, Hq, T, D = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D or Hq % k_cache.shape[1] != 0:
+        raise FastEagleError(f"tree_attention: q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
+    if D not in (16, 32, 64, 128, 256):
+        raise FastEagleError(f"tree_attention supports head dims 16..256 (powers of two), not {D}; "
+                             "use the sdpa attention backend")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_cache.dtype != q.dtype \
+            or v_cache.dtype != q.dtype:
+        raise FastEagleError(f"tree_attention: dtypes q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    if attn_mask.dtype != torch.bool or attn_mask.shape[-2:] != (T, T) or attn_mask.dim() not in (2, 3):
+        raise FastEagleError(f"tree_attention: attn_mask must be bool [T, T] or [B, T, T] with T={T}, "
+                             f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+    if cache_len.shape != (B,) or cache_len.dtype != torch.int64:
+        raise FastEagleError(f"tree_attention: cache_len must be int64 [{B}], got {cache_len.dtype} "
+                             f"{tuple(cache_len.shape)}")
+    if k_cache.shape[2] < T:
+        raise FastEagleError(f"tree_attention: {T} new tokens do not fit a cache of {k_cache.shape[2]} slots")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    return _tree_attention_op(q, k_cache, v_cache, cache_len, attn_mask, scale, int(num_splits or 0))
