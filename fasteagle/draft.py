@@ -46,11 +46,26 @@ class DraftHead(nn.Module):
     def forward(self, tokens, features, positions, cache_len, attn_mask):
         """tokens, positions: [B, T]; features: [B, T, dim]; cache_len: [B]; attn_mask: [T, W] (see model.py).
         Returns out [B, T, dim]."""
-        x = self.fc(torch.cat([nn.functional.embedding(tokens, self.embed_weight), features.to(self.fc.weight.dtype)], -1))
+        features = features.to(self.fc.weight.dtype)
+        if self.attn_backend == "triton":  # one kernel: gather + concat + fc, the concat never materialised
+            from fasteagle.kernels.draft_ops import fused_embed_fc
+
+            x = fused_embed_fc(tokens, features, self.embed_weight, self.fc.weight, self.fc.bias)
+        else:
+            x = self.fc(torch.cat([nn.functional.embedding(tokens, self.embed_weight), features], -1))
         return run_layers(self, x, positions, cache_len, attn_mask)
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(out, self.lm_head_weight).float()
+
+    def topk(self, out: torch.Tensor, k: int, temperature: float = 1.0):
+        """Top-k draft log-probabilities (of softmax(logits / temperature)) and token ids of out [m, dim], sorted
+        descending. On the Triton backend the LM-head GEMV is fused with the top-k: no [m, vocab] logits."""
+        if self.attn_backend == "triton":
+            from fasteagle.kernels.draft_ops import lm_head_topk
+
+            return lm_head_topk(out, self.lm_head_weight, k, temperature)
+        return torch.topk(torch.log_softmax(self.logits(out) / temperature, dim=-1), k, dim=-1)
 
 
 def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32) -> DraftHead:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fasteagle.errors import FastEagleError
+from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
 from fasteagle.model import causal_mask
 from fasteagle.sampling import SamplingParams, choose_tokens, exponential_race
 from fasteagle.tree import MC_SIM_7B_63, StaticTreeShape, build_dynamic_tree, build_static_tree, dynamic_tree_size
@@ -38,16 +39,6 @@ class GenerationResult:
     def mean_accepted(self) -> float | None:
         """tau: mean tokens emitted per target forward over the speculative rounds (None without any)."""
         return sum(self.accept_lens) / len(self.accept_lens) if self.accept_lens else None
-
-
-def kv_commit_torch(k_cache, v_cache, cache_len, path, n_valid):
-    """Move the accepted path's K/V (all layers) to contiguous slots cache_len + [0, P) and advance cache_len.
-    k_cache, v_cache: [n_layers, 1, Hkv, S, D]; path: [P] tree indices (path[d] >= d); n_valid: [1]."""
-    src = cache_len + path
-    dst = cache_len + torch.arange(path.shape[0], device=path.device)
-    for cache in (k_cache, v_cache):
-        cache.index_copy_(3, dst, cache.index_select(3, src))  # gather first, then scatter
-    cache_len.add_(n_valid)
 
 
 @torch.no_grad()
@@ -113,6 +104,8 @@ class SpecEngine:
         self.cache_len = torch.zeros(1, dtype=torch.long, device=dev)
         self.root = torch.zeros(1, dtype=torch.long, device=dev)
         self.root_out = torch.zeros(target.args.dim, dtype=target.embed.weight.dtype, device=dev)
+        # the Triton backend (CUDA) commits in one kernel launch; the reference is the same gather/scatter in PyTorch
+        self._kv_commit = kv_commit if target.attn_backend == "triton" else kv_commit_reference
         self.compiled = compile
         self._round_fn, self._decode_fn, self._prefill_fn = self._round, self._decode, self._prefill
         if compile:
@@ -176,7 +169,7 @@ class SpecEngine:
         pos = L + torch.arange(P, device=L.device)
         out = self.draft(emitted[None], hidden[path][None], pos[None], L, causal_mask(P, L.device))[0]
         n = accept_len + 1
-        kv_commit_torch(self.target.k_cache, self.target.v_cache, L, path, n)  # L += n
+        self._kv_commit(self.target.k_cache, self.target.v_cache, L, path, n)  # L += n
         self.root.copy_(emitted.index_select(0, accept_len))
         self.root_out.copy_(out.index_select(0, accept_len)[0])
         return torch.cat([n, emitted])

@@ -97,12 +97,6 @@ class StaticTreeShape:
 # --- building a tree with the draft head ----------------------------------------------------------------------------
 
 
-def draft_topk(head, out, k: int, temperature: float):
-    """Top-k draft log-probabilities and tokens for draft outputs out [m, dim] -> ([m, k], [m, k])."""
-    logp = torch.log_softmax(head.logits(out) / temperature, dim=-1)
-    return torch.topk(logp, k, dim=-1)
-
-
 def build_static_tree(head, shape: StaticTreeShape, root_token, root_out, cache_len, temperature: float = 1.0):
     """Fill a static tree level by level. root_token: [1]; root_out: [dim], the head's output at the last
     committed position (its guess of the root's feature); cache_len: [1], the draft's committed length.
@@ -119,7 +113,7 @@ def build_static_tree(head, shape: StaticTreeShape, root_token, root_out, cache_
     for d in range(1, shape.depth + 1):
         lvl = shape.levels[d]
         prev = shape.levels[d - 1]
-        _, ids = draft_topk(head, outs[prev], k, temperature)  # children candidates of the previous level
+        _, ids = head.topk(outs[prev], k, temperature)  # children candidates of the previous level
         local = {node: i for i, node in enumerate(prev)}
         par_local = torch.tensor([local[shape.parent[n]] for n in lvl], device=device)
         lvl_t = torch.tensor(lvl, device=device)
@@ -150,7 +144,7 @@ def build_dynamic_tree(head, root_token, root_out, cache_len, depth: int, top_k:
     The head's level-d queries are written at draft slots cache_len + (d-1)*top_k + [0, top_k)."""
     device, k = root_token.device, top_k
     N = dynamic_tree_size(depth, k, total_tokens)
-    logp, ids = draft_topk(head, root_out[None], k, temperature)
+    logp, ids = head.topk(root_out[None], k, temperature)
     scores, tok = logp[0], ids[0]  # [k]: the expanded frontier
     cand_scores, cand_tokens = [scores], [tok]
     cand_parent = [torch.full((k,), -1, device=device)]  # candidate index of the parent, -1 = root
@@ -161,7 +155,7 @@ def build_dynamic_tree(head, root_token, root_out, cache_len, depth: int, top_k:
     for d in range(1, depth):
         pos = (cache_len + d - 1).expand(k)
         out = head(tok[None], feats[None], pos[None], cache_len, block_mask)[0]  # [k, dim]
-        logp, ids = draft_topk(head, out, k, temperature)  # [k, k]
+        logp, ids = head.topk(out, k, temperature)  # [k, k]
         cu = scores[:, None] + logp  # [k, k] cumulative scores of the k*k children
         cand_scores.append(cu.reshape(-1))
         cand_tokens.append(ids.reshape(-1))

@@ -29,6 +29,9 @@ class FakeHead:
     def logits(self, out):
         return out @ PROBS.log()
 
+    def topk(self, out, k, temperature=1.0):
+        return torch.topk(torch.log_softmax(self.logits(out) / temperature, dim=-1), k, dim=-1)
+
 
 def onehot(t):
     return torch.nn.functional.one_hot(torch.tensor(t), V).float()
