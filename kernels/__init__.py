@@ -1,6 +1,6 @@
 """Triton kernels (each module also holds the PyTorch reference the tests compare against):
 
-- tree_attention: tree-masked GQA attention over the static KV cache, split-K over [0, cache_len + T).
+- tree_attention: tree-masked GQA attention over the static KV cache, split-K over [0, cache_len + W).
 - draft_ops: fused_embed_fc (EAGLE fc over [embedding; feature]) and lm_head_topk (LM head GEMV + top-k + logsumexp).
 - kv_commit: move an accepted tree path's K/V into contiguous cache slots and advance cache_len, in one launch.
 

@@ -3,26 +3,28 @@
     out = tree_attention(q, k_cache, v_cache, cache_len, attn_mask)        # [B, Hq, T, D]
 
 q: [B, Hq, T, D], the T new query tokens (a draft tree / verify block, a decode step, or a prefill chunk).
-k_cache, v_cache: [B, Hkv, S, D], the static cache; the new block's K/V are already in slots cache_len[b] + [0, T).
-cache_len: [B] int64 on the device (never read on the host). attn_mask: [T, T] (or [B, T, T]) bool over the new
-block. Query i of row b sees every slot < cache_len[b] and slot cache_len[b] + j iff attn_mask[i, j]; nothing else.
-This is exactly F.scaled_dot_product_attention with fasteagle.model.visible_keys(...) as the mask (the reference).
+k_cache, v_cache: [B, Hkv, S, D], the static cache. cache_len: [B] int64 on the device (never read on the host).
+attn_mask: [T, W] (or [B, T, W]) bool, W >= T, over the key block: slots cache_len[b] + [0, W). The new queries'
+K/V are already in its last T slots; W == T for target prefill/decode/verify, W > T for the draft head's tree steps
+(earlier tree levels sit in the first W - T slots). Query i of row b sees every slot < cache_len[b] and slot
+cache_len[b] + j iff attn_mask[i, j]; nothing past the block. This is exactly F.scaled_dot_product_attention with
+fasteagle.model.visible_keys(...) as the mask (the reference).
 
 Kernel layout (flash-decoding style):
 - One program handles BLOCK_M "rows" of one (batch row b, KV head): row r = g * T + t is query token t of the g-th
   query head sharing that KV head, so GQA reads each K/V tile once for the whole group and never materialises
   repeated K/V. Decode (T=1) with 4 heads per group still fills a 16-row tile.
-- Keys are read only from [0, L), L = cache_len[b] + T, with L loaded on the device. [0, L) is cut into NSPLIT
+- Keys are read only from [0, L), L = cache_len[b] + W, with cache_len loaded on the device. [0, L) is cut into NSPLIT
   equal chunks of whole key blocks (the chunk size is computed on the device from L; NSPLIT is a static function
   of the shapes), one program per chunk; chunks past L run no iterations. A second small kernel merges the
   per-chunk (max, sum, acc) as log-sum-exp weights. NSPLIT == 1 (long prefill chunks) writes the output directly.
 - Within a chunk, blocks entirely below cache_len (all visible) run without any masking; only the blocks that
-  overlap [cache_len, L) load the tree mask. The mask is passed as the caller's bool tensor (viewed as uint8),
-  not packed to bits: it works for any T (prefill chunks > 64 included), costs no extra packing launch, and a
-  [BLOCK_M, BLOCK_N] tile of a T x T byte matrix is an L2 hit on the one or two blocks that need it.
+  overlap the key block [cache_len, L) load the mask. The mask is passed as the caller's bool tensor (viewed as
+  uint8), not packed to bits: it works for any T and W (prefill chunks > 64 included), costs no extra packing
+  launch, and a [BLOCK_M, BLOCK_N] tile of a T x W byte matrix is an L2 hit on the few blocks that need it.
 - Softmax in fp32 in the log2 domain (exp2), fp32 accumulation; P is cast to V's dtype for the PV product.
-A query row that sees no key at all (impossible with an ancestor mask, whose diagonal is set) gets zeros, where
-SDPA would give NaN.
+A query row that sees no key at all (impossible when the mask's last T columns hold the diagonal, as causal and
+ancestor masks do) gets zeros, where SDPA would give NaN.
 """
 import math
 
@@ -47,7 +49,7 @@ def tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale=No
 
 @triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, T, t, row_ok, offs_d,
+    acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, W, t, row_ok, offs_d,
     sks, skd, svs, svd, smq, smk, qk_scale,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -59,8 +61,8 @@ def _attend_block(
         k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd)  # [D, BLOCK_N]
     s = dot(q, k, DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
     if MASKED:
-        rel = offs_n - cl  # key position relative to the new block
-        in_block = (rel >= 0) & (rel < T)
+        rel = offs_n - cl  # key position relative to the key block (a mask column when in [0, W))
+        in_block = (rel >= 0) & (rel < W)
         bits = tl.load(
             mask_base + t[:, None] * smq + rel[None, :] * smk, mask=row_ok[:, None] & in_block[None, :], other=0
         )
@@ -87,7 +89,7 @@ def _tree_attn_fwd(
     svb, svh, svs, svd,
     smb, smq, smk,
     sob, soh, sot, sod,
-    qk_scale, T, S, N_ROWS, HKV,
+    qk_scale, T, W, S, N_ROWS, HKV,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NSPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -108,7 +110,7 @@ def _tree_attn_fwd(
     )
 
     cl = tl.load(CacheLen + b).to(tl.int32)
-    L = tl.minimum(cl + T, S)
+    L = tl.minimum(cl + W, S)  # end of the key block; nothing past it is visible
     per_split = tl.cdiv(tl.cdiv(L, BLOCK_N), NSPLIT) * BLOCK_N  # keys per chunk, whole blocks
     lo = pid_s * per_split
     hi = tl.minimum(lo + per_split, L)
@@ -122,12 +124,12 @@ def _tree_attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(lo, full_hi, BLOCK_N):  # everything visible: no mask work at all
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, T, t, row_ok, offs_d,
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, W, t, row_ok, offs_d,
             sks, skd, svs, svd, smq, smk, qk_scale, BLOCK_N, False, DOT_PREC,
         )
-    for start in range(tl.maximum(lo, full_hi), hi, BLOCK_N):  # blocks overlapping the new block (or L)
+    for start in range(tl.maximum(lo, full_hi), hi, BLOCK_N):  # blocks overlapping the key block
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, T, t, row_ok, offs_d,
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, W, t, row_ok, offs_d,
             sks, skd, svs, svd, smq, smk, qk_scale, BLOCK_N, True, DOT_PREC,
         )
 
@@ -217,6 +219,7 @@ def _tree_attention_op(
         return tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale).contiguous()
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    W = attn_mask.shape[-1]
     G = Hq // Hkv
     n_rows = G * T
     block_m = _block_m(n_rows)
@@ -234,7 +237,7 @@ def _tree_attention_op(
     _fwd[grid](
         q, k_cache, v_cache, cache_len, mask, out, part_o, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), smb, smq, smk, *out.stride(),
-        scale * math.log2(math.e), T, S, n_rows, Hkv,
+        scale * math.log2(math.e), T, W, S, n_rows, Hkv,
         G=G, HEAD_DIM=D, BLOCK_M=block_m, NSPLIT=nsplit, DOT_PREC=dot_precision(q.dtype),
     )
     if nsplit > 1:
@@ -251,8 +254,9 @@ def _(q, k_cache, v_cache, cache_len, attn_mask, scale, num_splits):
 
 
 def tree_attention(q, k_cache, v_cache, cache_len, attn_mask, scale=None, num_splits=None):
-    """Attention of q [B, Hq, T, D] over k/v_cache [B, Hkv, S, D] slots [0, cache_len[b] + T) with the tree mask
-    on the new block (see the module docstring). Returns a contiguous [B, Hq, T, D] tensor in q's dtype.
+    """Attention of q [B, Hq, T, D] over k/v_cache [B, Hkv, S, D] slots [0, cache_len[b] + W) with attn_mask
+    [T, W] or [B, T, W] on the key block [cache_len[b], cache_len[b] + W) (see the module docstring).
+    Returns a contiguous [B, Hq, T, D] tensor in q's dtype.
     num_splits: chunks of the key range (None: default_num_splits, a function of shapes only)."""
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise FastEagleError(f"tree_attention: bad shapes q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
@@ -266,13 +270,15 @@ def tree_attention(q, k_cache, v_cache, cache_len, attn_mask, scale=None, num_sp
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_cache.dtype != q.dtype \
             or v_cache.dtype != q.dtype:
         raise FastEagleError(f"tree_attention: dtypes q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
-    if attn_mask.dtype != torch.bool or attn_mask.shape[-2:] != (T, T) or attn_mask.dim() not in (2, 3):
-        raise FastEagleError(f"tree_attention: attn_mask must be bool [T, T] or [B, T, T] with T={T}, "
+    if attn_mask.dtype != torch.bool or attn_mask.dim() not in (2, 3) or attn_mask.shape[-2] != T \
+            or attn_mask.shape[-1] < T or (attn_mask.dim() == 3 and attn_mask.shape[0] != B):
+        raise FastEagleError(f"tree_attention: attn_mask must be bool [T, W] or [B, T, W] with T={T} <= W, B={B}, "
                              f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
     if cache_len.shape != (B,) or cache_len.dtype != torch.int64:
         raise FastEagleError(f"tree_attention: cache_len must be int64 [{B}], got {cache_len.dtype} "
                              f"{tuple(cache_len.shape)}")
-    if k_cache.shape[2] < T:
-        raise FastEagleError(f"tree_attention: {T} new tokens do not fit a cache of {k_cache.shape[2]} slots")
+    if k_cache.shape[2] < attn_mask.shape[-1]:
+        raise FastEagleError(f"tree_attention: a key block of {attn_mask.shape[-1]} slots does not fit a cache of "
+                             f"{k_cache.shape[2]} slots")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return _tree_attention_op(q, k_cache, v_cache, cache_len, attn_mask, scale, int(num_splits or 0))

@@ -1,7 +1,8 @@
 """The Triton kernels against their PyTorch references, on CPU under the Triton interpreter (TRITON_INTERPRET=1).
 
-Shapes are small but deliberately odd (tree sizes 1/7/61/64/100, cache lengths off the block size, vocabularies
-off the tile size): the interpreter is slow, so the cases are a chosen cross-product, not the full one.
+Shapes are small but deliberately odd (tree sizes 1/7/61/64/100, key blocks wider than the tree, cache lengths off
+the block size, vocabularies off the tile size): the interpreter is slow, so the cases are a chosen cross-product,
+not the full one.
 Tolerances: fp32 outputs within 2e-5 of the reference (exact same products, different summation order);
 bf16 outputs within 2e-2 abs + 2e-2 rel of an fp32 reference computed from the same bf16 inputs (the kernels
 round P and the output to bf16).
@@ -13,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tri
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fasteagle.draft import DraftHead  # noqa: E402
 from fasteagle.errors import FastEagleError  # noqa: E402
 from fasteagle.kernels import _common  # noqa: E402
 from fasteagle.kernels.draft_ops import (  # noqa: E402
@@ -47,6 +49,17 @@ def random_tree_mask(T: int, gen: torch.Generator) -> torch.Tensor:
     return mask
 
 
+def random_block_mask(T: int, W: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """[T, W] mask over a key block whose last T slots hold the queries. "tree": the last T nodes of a random
+    W-node tree (each sees its ancestors, including ones in the first W - T slots); "random": independent coin
+    flips. Either way query i sees its own slot W - T + i, as every mask the model builds does."""
+    if kind == "tree":
+        return random_tree_mask(W, gen)[W - T:]
+    mask = torch.rand(T, W, generator=gen) < 0.5
+    mask[:, W - T:] |= torch.eye(T, dtype=torch.bool)
+    return mask
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tree_attention
 
@@ -66,23 +79,25 @@ ATTN_CASES = [
 ]
 
 
-def _attn_inputs(T, lens, Hq, Hkv, D, dtype, seed, pad=13):
+def _attn_inputs(T, lens, Hq, Hkv, D, dtype, seed, pad=13, W=None, kind="tree"):
+    """Random q, caches and a [T, W] mask (W defaults to T) with the key block ending `pad` slots before S."""
+    W = T if W is None else W
     gen = torch.Generator().manual_seed(seed)
     B = len(lens)
-    S = max(lens) + T + pad
+    S = max(lens) + W + pad
     q = torch.randn(B, Hq, T, D, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
     cache_len = torch.tensor(lens, dtype=torch.int64)
-    return q, k, v, cache_len, random_tree_mask(T, gen)
+    return q, k, v, cache_len, random_block_mask(T, W, kind, gen)
 
 
-def _poison_beyond(k, v, cache_len, T):
-    """Copies of k, v with NaN in every slot >= cache_len + T: reading one would poison the output."""
+def _poison_beyond(k, v, cache_len, W):
+    """Copies of k, v with NaN in every slot >= cache_len + W: reading one would poison the output."""
     k, v = k.clone(), v.clone()
     for b, n in enumerate(cache_len.tolist()):
-        k[b, :, n + T:] = float("nan")
-        v[b, :, n + T:] = float("nan")
+        k[b, :, n + W:] = float("nan")
+        v[b, :, n + W:] = float("nan")
     return k, v
 
 
@@ -94,6 +109,41 @@ def test_tree_attention_matches_sdpa(T, lens, Hq, Hkv, D, dtype, splits):
     out = tree_attention(q, kp, vp, cache_len, mask, num_splits=splits)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+# Key blocks wider than the query block (the draft head's tree steps): (T, W, cache lens, Hq, Hkv, head dim, dtype,
+# num_splits, mask kind). With the interpreter's 32-key blocks, blocks at cache_len 37 span 2-3 key blocks.
+WIDE_CASES = [
+    (10, 30, [37], 8, 2, 64, torch.float32, None, "tree"),  # EAGLE-2 level 3 with top_k 10
+    (10, 40, [300, 5], 4, 1, 128, torch.bfloat16, 3, "random"),  # GQA 4, block split across chunks
+    (10, 40, [0], 4, 2, 64, torch.float32, 2, "tree"),  # empty cache: only the block is visible
+    (7, 7, [37, 64], 4, 2, 64, torch.float32, 2, "random"),  # W == T with a non-ancestor mask
+    (1, 5, [0, 37], 8, 1, 64, torch.float32, 2, "random"),  # one query over earlier levels, GQA 8
+    (1, 5, [31], 2, 2, 128, torch.float16, 1, "tree"),  # block straddles a key-block edge, direct store
+]
+
+
+@pytest.mark.parametrize("T,W,lens,Hq,Hkv,D,dtype,splits,kind", WIDE_CASES)
+def test_tree_attention_wide_key_block(T, W, lens, Hq, Hkv, D, dtype, splits, kind):
+    q, k, v, cache_len, mask = _attn_inputs(T, lens, Hq, Hkv, D, dtype, seed=T * 1000 + W + D, W=W, kind=kind)
+    assert mask.shape == (T, W)
+    ref = tree_attention_reference(q.float(), k.float(), v.float(), cache_len, mask)
+    kp, vp = _poison_beyond(k, v, cache_len, W)
+    out = tree_attention(q, kp, vp, cache_len, mask, num_splits=splits)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+def test_tree_attention_wide_batched_mask():
+    """A [B, T, W] mask, one per row; flipping the mask over the earlier levels (columns < W - T) must matter."""
+    q, k, v, cache_len, _ = _attn_inputs(6, [40, 9], 4, 2, 64, torch.float32, seed=21, W=18)
+    gen = torch.Generator().manual_seed(22)
+    mask = torch.stack([random_block_mask(6, 18, "tree", gen), random_block_mask(6, 18, "random", gen)])
+    out = tree_attention(q, k, v, cache_len, mask, num_splits=2)
+    torch.testing.assert_close(out, tree_attention_reference(q, k, v, cache_len, mask), **tol(q.dtype))
+    flipped = mask.clone()
+    flipped[:, :, :12] = ~flipped[:, :, :12]
+    assert not torch.allclose(tree_attention(q, k, v, cache_len, flipped, num_splits=2), out, atol=1e-3)
 
 
 def test_tree_attention_batched_mask_scale_and_strided_q():
@@ -125,6 +175,12 @@ def test_tree_attention_rejects_bad_input():
         tree_attention(q[..., :48], k[..., :48], v[..., :48], cache_len, mask)
     with pytest.raises(FastEagleError, match="attn_mask"):
         tree_attention(q, k, v, cache_len, mask[:2, :2])
+    with pytest.raises(FastEagleError, match="attn_mask"):  # W < T
+        tree_attention(q, k, v, cache_len, mask[:, :2])
+    with pytest.raises(FastEagleError, match="attn_mask"):  # batch of masks != batch of q
+        tree_attention(q, k, v, cache_len, mask[None].expand(2, 3, 3))
+    with pytest.raises(FastEagleError, match="key block"):  # W > cache slots
+        tree_attention(q, k, v, cache_len, torch.ones(3, k.shape[2] + 1, dtype=torch.bool))
     with pytest.raises(FastEagleError, match="cache_len"):
         tree_attention(q, k, v, cache_len.int(), mask)
 
@@ -150,6 +206,42 @@ def test_tree_attention_in_model_matches_sdpa_backend():
         outs.append((h1, h2))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_tree_attention_in_draft_head_matches_sdpa_backend():
+    """The draft head on both backends: a causal prefill, then two EAGLE-2 tree levels (top_k 4), the second with
+    a [4, 8] mask over the first level's entries and its own (W > T, as fasteagle.tree.build_dynamic_tree builds)."""
+    args = ModelArgs(vocab_size=61, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64,
+                     intermediate_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    target = Transformer(args)
+    head = DraftHead(args, fc_bias=True).bind(target)
+    gen = torch.Generator().manual_seed(2)
+    P, k = 9, 4
+    prompt = torch.randint(0, 61, (1, P), generator=gen)
+    feats = torch.randn(1, P + 2 * k, 128, generator=gen)
+    lvl1, lvl2 = torch.randint(0, 61, (1, k), generator=gen), torch.randint(0, 61, (1, k), generator=gen)
+    src = torch.randint(0, k, (k,), generator=gen)  # each level-2 query's parent among level 1
+    eye = torch.eye(k, dtype=torch.bool)
+    mask2 = torch.cat([eye[src], eye], dim=1)  # [k, 2k]
+    assert not mask2[:, :k].all() and mask2[:, :k].any()
+    L = torch.tensor([P])
+    outs = []
+    for backend in ("sdpa", "triton"):
+        head.setup_cache(32, attn_backend=backend)
+        o0 = head(prompt, feats[:, :P], torch.arange(P)[None], torch.zeros(1, dtype=torch.int64), causal_mask(P))
+        o1 = head(lvl1, feats[:, P:P + k], L.expand(1, k), L, eye)
+        o2 = head(lvl2, feats[:, P + k:], (L + 1).expand(1, k), L, mask2)
+        outs.append((o0, o1, o2))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    # The level-2 queries do read level 1: without those columns the result changes.
+    head.setup_cache(32, attn_backend="triton")
+    head(prompt, feats[:, :P], torch.arange(P)[None], torch.zeros(1, dtype=torch.int64), causal_mask(P))
+    head(lvl1, feats[:, P:P + k], L.expand(1, k), L, eye)
+    alone = head(lvl2, feats[:, P + k:], (L + 1).expand(1, k), L, torch.cat([eye & False, eye], dim=1))
+    assert not torch.allclose(alone, outs[1][2], atol=1e-3)
 
 
 def test_tree_attention_under_torch_compile():
