@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: on for the default model)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-seq-len", type=int, help="KV cache size (default: the model's context, at most 4096)")
+    p.add_argument("--max-seq-len", type=int,
+                   help="KV cache size (default: prompt + max-new-tokens + 64, rounded up to 256, within the context)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling nucleus mass in (0, 1]")
@@ -78,9 +79,6 @@ def run(args):
         draft_dir = None
 
     cfg = read_config(ckpt, "target")
-    max_seq_len = args.max_seq_len or min(cfg["model"]["max_position_embeddings"], 4096)
-    # on GPU the Triton tree-attention kernel reads only the live part of the cache; on CPU, PyTorch SDPA
-    target, cfg = load_target(ckpt, args.device, dtype, max_seq_len, "triton" if args.device == "cuda" else "sdpa")
     tok = None
     if args.prompt_ids is not None:
         try:
@@ -90,6 +88,13 @@ def run(args):
     else:
         tok = load_tokenizer(ckpt, cfg)
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if chat else tok.encode(args.prompt)
+    # The cache is static and the sdpa path attends over all of it: size it to this generation (prompt + new
+    # tokens + one verify tree), rounded up, unless asked otherwise; never beyond the model's context.
+    context = cfg["model"]["max_position_embeddings"]
+    need = -(-(len(ids) + args.max_new_tokens + 64) // 256) * 256
+    max_seq_len = args.max_seq_len or min(context, need)
+    # on GPU the Triton tree-attention kernel reads only the live part of the cache; on CPU, PyTorch SDPA
+    target, cfg = load_target(ckpt, args.device, dtype, max_seq_len, "triton" if args.device == "cuda" else "sdpa")
     eos = cfg.get("eos_token_ids") or []
 
     draft = load_draft(draft_dir, target, args.device, dtype) if draft_dir else None
