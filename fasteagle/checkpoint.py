@@ -97,8 +97,9 @@ def write_checkpoint(out_dir, config: dict, state_dict: dict):
 
 
 def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
-                attn_backend: str = "sdpa"):
-    """Load a converted target model. Returns (Transformer with its cache set up, config dict)."""
+                attn_backend: str | None = None):
+    """Load a converted target model. Returns (Transformer with its cache set up, config dict).
+    attn_backend: "triton" (the Triton kernels; the default on CUDA) or "sdpa" (PyTorch; the default elsewhere)."""
     from fasteagle.model import ModelArgs, Transformer
 
     cfg = read_config(ckpt_dir, "target")
@@ -110,5 +111,7 @@ def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | 
         model = Transformer(args)
     model = model.to_empty(device="cpu")
     model = load_weights(model, ckpt_dir, device=device, dtype=dtype)
+    if attn_backend is None:
+        attn_backend = "triton" if torch.device(device).type == "cuda" else "sdpa"
     model.setup_cache(max_seq_len or args.max_position_embeddings, attn_backend=attn_backend)
     return model.eval(), cfg

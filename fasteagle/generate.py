@@ -93,8 +93,8 @@ def run(args):
     context = cfg["model"]["max_position_embeddings"]
     need = -(-(len(ids) + args.max_new_tokens + 64) // 256) * 256
     max_seq_len = args.max_seq_len or min(context, need)
-    # on GPU the Triton tree-attention kernel reads only the live part of the cache; on CPU, PyTorch SDPA
-    target, cfg = load_target(ckpt, args.device, dtype, max_seq_len, "triton" if args.device == "cuda" else "sdpa")
+    # on GPU the Triton kernels (attention reads only the live part of the cache); on CPU, PyTorch SDPA
+    target, cfg = load_target(ckpt, args.device, dtype, max_seq_len)
     eos = cfg.get("eos_token_ids") or []
 
     draft = load_draft(draft_dir, target, args.device, dtype) if draft_dir else None
