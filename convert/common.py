@@ -1,6 +1,5 @@
 """Helpers every converter shares: the rope-layout permutation, shape checks against ModelArgs, and the one
 function that writes a target checkpoint atomically."""
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -115,16 +114,4 @@ def write_target(out_dir, args: ModelArgs, state: dict, dtype: torch.dtype, expo
         tok = export_tokenizer(tmp)
         config = {"kind": "target", "model": args.to_dict(), **tok, "source": {**source, "dtype": dtype_name(dtype)}}
         write_checkpoint(tmp, config, state)
-        _default_permissions(tmp)
     return Path(out_dir)
-
-
-def _default_permissions(ckpt_dir: Path):
-    """mkdtemp makes the directory 0700 and safetensors writes 0600; give the checkpoint the permissions of any
-    other file the user creates (umask applied), so that it can be shared like one."""
-    umask = os.umask(0)
-    os.umask(umask)
-    ckpt_dir.chmod(0o777 & ~umask)
-    for f in ckpt_dir.iterdir():
-        if f.is_file():
-            f.chmod(0o666 & ~umask)

@@ -79,12 +79,24 @@ def atomic_output_dir(out_dir):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_permissions(ckpt_dir: Path):
+    """mkdtemp makes the directory 0700 and safetensors writes 0600; give the checkpoint the permissions of any
+    other file the user creates (umask applied), so that it can be shared like one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    ckpt_dir.chmod(0o777 & ~umask)
+    for f in ckpt_dir.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def write_checkpoint(out_dir, config: dict, state_dict: dict):
