@@ -1,0 +1,106 @@
+"""Model shapes for random-weight benchmarks, memory-bandwidth peaks by GPU name, and the byte accounting that turns
+a measured time into a fraction of the bandwidth roofline.
+
+Batch-1 decoding is memory bound: one target forward reads every weight once (the LM head included, the input
+embedding only a row per token) plus the live part of the KV cache. bytes / time / peak says how close a step gets
+to the roofline; it is computed only on CUDA, where the peak is known.
+"""
+import json
+import re
+
+import torch
+
+from fasteagle.errors import FastEagleError
+from fasteagle.model import ModelArgs
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+# Real model sizes (from each model's config.json); weights are random in the benchmark.
+SHAPES = {
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                       intermediate_size=11008, rope_theta=10000.0, max_position_embeddings=4096),
+    "vicuna-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, head_dim=128,
+                       intermediate_size=13824, rope_theta=10000.0, max_position_embeddings=4096),
+    "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                       intermediate_size=14336, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                         intermediate_size=14336, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                         max_position_embeddings=131072),
+    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                         intermediate_size=8192, rope_theta=500000.0, tie_embeddings=True,
+                         rope_scaling={**_LLAMA31_ROPE, "factor": 32.0}, max_position_embeddings=131072),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                         intermediate_size=1536, rope_theta=100000.0, tie_embeddings=True,
+                         max_position_embeddings=8192),
+    # for tests and a quick look on CPU
+    "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
+                 max_position_embeddings=2048),
+}
+SHAPES["vicuna-7b"] = SHAPES["llama-2-7b"]  # EAGLE's main benchmark model: Llama-2-7B's shape
+
+# Peak DRAM bandwidth (bytes/s, vendor spec sheets) by CUDA device name; first match wins, so specific names
+# (PCIe / NVL variants, GH200) come before the generic ones.
+PEAK_BANDWIDTH = [
+    (r"GH200", 4.0e12),
+    (r"H200", 4.8e12),
+    (r"H100.*PCIe", 2.0e12),
+    (r"H100.*NVL", 3.9e12),
+    (r"H100", 3.35e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    (r"H800.*PCIe", 2.0e12),
+    (r"H800", 3.35e12),
+    (r"A100.*80GB.*PCIe|A100.*PCIe.*80GB", 1.935e12),
+    (r"A100.*80GB", 2.039e12),
+    (r"A100", 1.555e12),  # 40GB
+    (r"A800.*80GB", 2.039e12),
+    (r"L40S", 0.864e12),
+    (r"L40", 0.864e12),
+    (r"\bL4\b", 0.300e12),
+    (r"A10G", 0.600e12),
+    (r"\bA10\b", 0.600e12),
+    (r"RTX 4090", 1.008e12),
+    (r"RTX 3090", 0.936e12),
+    (r"RTX A6000", 0.768e12),
+    (r"RTX 6000 Ada", 0.960e12),
+    (r"V100", 0.900e12),
+    (r"\bT4\b", 0.320e12),
+]
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    """Peak memory bandwidth in bytes/s for a CUDA device name, or None when the device is not in the table."""
+    for pattern, bw in PEAK_BANDWIDTH:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return bw
+    return None
+
+
+def shape_args(shape: str) -> tuple[str, ModelArgs]:
+    """A preset name (SHAPES) or a JSON object of ModelArgs fields (e.g. '{"dim": 64, "n_layers": 2, ...}';
+    missing fields take ModelArgs' defaults, i.e. Llama-2-7B's). Returns (name, ModelArgs)."""
+    if shape in SHAPES:
+        return shape, ModelArgs(**SHAPES[shape])
+    if shape.lstrip().startswith("{"):
+        try:
+            d = json.loads(shape)
+            args = ModelArgs.from_dict(d)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise FastEagleError(f"--shape: not a valid JSON model shape ({e})") from None
+        if args.n_heads % args.n_kv_heads:
+            raise FastEagleError("--shape: n_heads must be a multiple of n_kv_heads")
+        return "custom", args
+    raise FastEagleError(f"--shape: unknown shape {shape!r} (known: {', '.join(SHAPES)}, or a JSON object)")
+
+
+def weight_bytes_per_forward(model: torch.nn.Module) -> int:
+    """Bytes of weights one batch-1 forward of the target reads: every parameter, except an untied input embedding
+    (only one row per token is gathered; a tied one is read whole by the LM head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.args.tie_embeddings:
+        total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
+
+
+def kv_bytes_per_forward(args: ModelArgs, element_size: int, live_len: float) -> float:
+    """Bytes of K and V one forward reads when attending over live_len cache slots."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * live_len * element_size

@@ -1,0 +1,197 @@
+"""python -m fasteagle.train {gen-data, fit, eval, all} -- train an EAGLE-1/2 draft head for a target.
+
+  gen-data  --checkpoint DIR --prompts FILE... --out DATA_DIR [--max-new-tokens 256 --batch-size 32 --limit K]
+  fit       --checkpoint DIR --data DATA_DIR --out HEAD_DIR [--steps 2000 --lr 5e-4 --resume]
+  eval      --checkpoint DIR --draft HEAD_DIR --questions question.jsonl [--max-new-tokens 256]
+  all       the three in a row (--data and --out as above)
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from fasteagle.errors import FastEagleError
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastEagleError("--device cuda: no CUDA device available")
+    return torch.device(name)
+
+
+def _load_target(args, max_seq_len: int = 16):
+    from fasteagle.checkpoint import load_target
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    target, cfg = load_target(args.checkpoint, device=_device(args.device), dtype=dtype, max_seq_len=max_seq_len)
+    return target, cfg
+
+
+def cmd_gen_data(args):
+    from fasteagle.tokenizer import load_tokenizer
+    from fasteagle.train.data import gen_data, load_prompts
+
+    prompts = load_prompts(args.prompts)
+    if args.limit is not None:
+        prompts = prompts[: args.limit]
+    if not prompts:
+        raise FastEagleError("no prompts to answer")
+    tok = load_tokenizer(args.checkpoint)
+    ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    target, cfg = _load_target(args)
+    manifest = gen_data(target, ids, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        eos_ids=tok.eos_ids, max_prompt_tokens=args.max_prompt_tokens,
+                        source={"checkpoint": str(args.checkpoint), "prompts": [str(p) for p in args.prompts],
+                                "limit": args.limit, "dtype": args.dtype})
+    n_ans = sum(s["n_answer_tokens"] for s in manifest["shards"])
+    print(f"{args.out}: {sum(len(s['prompt_indices']) for s in manifest['shards'])} answers, {n_ans} answer tokens "
+          f"({manifest['n_skipped_long']} prompts over {args.max_prompt_tokens} tokens skipped)")
+
+
+def cmd_fit(args):
+    from fasteagle.train.loop import TrainConfig, fit
+
+    target, _ = _load_target(args)
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, batch_tokens=args.batch_tokens,
+                      max_len=args.max_len, val_frac=args.val_frac, ckpt_every=args.ckpt_every,
+                      eval_every=args.eval_every, noise=args.noise, ce_weight=args.ce_weight, ce_vocab=args.ce_vocab,
+                      seed=args.seed, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                      save_dtype=args.save_dtype, loss_positions=args.loss_positions)
+    fit(target, args.data, args.out, cfg, resume=args.resume, state_dir=args.state_dir, stop_at=args.stop_at,
+        source={"checkpoint": str(args.checkpoint)})
+
+
+def cmd_eval(args):
+    from fasteagle.draft import load_draft
+    from fasteagle.tokenizer import load_tokenizer
+    from fasteagle.train.evaluate import evaluate_mt_bench
+
+    tok = load_tokenizer(args.checkpoint)
+    target, _ = _load_target(args)
+    head = load_draft(args.draft, target, device=target.embed.weight.device, dtype=target.embed.weight.dtype)
+    out = Path(args.result) if args.result else Path(args.draft) / "eval_mt_bench.json"
+    part = None
+    if getattr(args, "part", None):
+        try:
+            i, n = (int(x) for x in args.part.split("/"))
+        except ValueError:
+            raise FastEagleError(f"--part {args.part!r}: expected I/N, e.g. 0/2") from None
+        part = (i, n)
+    evaluate_mt_bench(target, head, tok, args.questions, out, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens, part=part)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fasteagle.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--checkpoint", required=True, help="the target's fasteagle checkpoint directory")
+        sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the target's compute dtype (default %(default)s)")
+        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    def gen_args(sp):
+        sp.add_argument("--prompts", nargs="+", required=True,
+                        help="JSON/JSONL conversations (ShareGPT, messages, MT-bench); first user turns are used")
+        sp.add_argument("--max-new-tokens", type=int, default=256,
+                        help="answer length (0: no answers, keep the prompts' features only)")
+        sp.add_argument("--batch-size", type=int, default=32)
+        sp.add_argument("--limit", type=int, default=None, help="use only the first K prompts")
+        sp.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts (default %(default)s)")
+
+    def fit_args(sp):
+        sp.add_argument("--steps", type=int, default=2000)
+        sp.add_argument("--lr", type=float, default=5e-4)
+        sp.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 0")
+        sp.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per optimizer step")
+        sp.add_argument("--max-len", type=int, default=1024, help="longest training sequence (older context cut)")
+        sp.add_argument("--val-frac", type=float, default=0.05, help="held-out share of the sequences")
+        sp.add_argument("--ckpt-every", type=int, default=200, help="save the training state every N steps")
+        sp.add_argument("--eval-every", type=int, default=500, help="validate every N steps")
+        sp.add_argument("--noise", type=float, default=0.2, help="input features get U(-noise/2, noise/2) noise")
+        sp.add_argument("--ce-weight", type=float, default=0.1, help="weight of the soft cross-entropy")
+        sp.add_argument("--ce-vocab", choices=["data", "full"], default="data",
+                        help="soft CE over the token ids seen in the training data (cheap) or the full vocabulary")
+        sp.add_argument("--weight-decay", type=float, default=0.0)
+        sp.add_argument("--grad-clip", type=float, default=0.5, help="clip gradient values to +-this (0 = off)")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--loss-positions", choices=["answer", "all"], default="answer",
+                        help="train on the self-distilled answers only (default) or on every position, prompts "
+                             "included (teacher-forced text, e.g. data from gen-data --max-new-tokens 0)")
+        sp.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the written head's weights (default %(default)s)")
+        sp.add_argument("--resume", action="store_true", help="continue from the training state in --state-dir")
+        sp.add_argument("--state-dir", default=None, help="training state (default: HEAD_DIR + '.state')")
+        sp.add_argument("--stop-at", type=int, default=None, help="save the state and stop after this many steps")
+
+    def eval_args(sp, draft: bool):
+        if draft:
+            sp.add_argument("--draft", required=True, help="the draft head directory")
+        sp.add_argument("--questions", required=True, help="MT-bench question.jsonl (first turns are used)")
+        sp.add_argument("--eval-max-new-tokens" if not draft else "--max-new-tokens", dest="max_new_tokens" if draft
+                        else "eval_max_new_tokens", type=int, default=256)
+        sp.add_argument("--eval-limit" if not draft else "--limit", dest="limit", type=int, default=None,
+                        help="only the first K questions")
+        sp.add_argument("--depth", type=int, default=6)
+        sp.add_argument("--top-k", type=int, default=10)
+        sp.add_argument("--total-tokens", type=int, default=60)
+        sp.add_argument("--result", default=None, help="result JSON (default: DRAFT/eval_mt_bench.json)")
+        if draft:
+            sp.add_argument("--part", default=None, help="I/N: run only every N-th question from the I-th (parallel "
+                            "CPU runs); a final run without --part collects all parts and writes the summary")
+
+    sp = sub.add_parser("gen-data", help="the target answers prompts; tokens + features are written as shards")
+    common(sp)
+    gen_args(sp)
+    sp.add_argument("--out", required=True, help="data directory (resumed if it holds a manifest)")
+    sp.set_defaults(fn=cmd_gen_data)
+
+    sp = sub.add_parser("fit", help="train a draft head on generated data")
+    common(sp)
+    sp.add_argument("--data", required=True, nargs="+", help="one or more data directories from gen-data")
+    sp.add_argument("--out", required=True, help="draft head directory (written at the end)")
+    fit_args(sp)
+    sp.set_defaults(fn=cmd_fit)
+
+    sp = sub.add_parser("eval", help="EAGLE-2 greedy tau on MT-bench first turns (+ check spec == AR)")
+    common(sp)
+    eval_args(sp, draft=True)
+    sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("all", help="gen-data, fit and eval in a row")
+    common(sp)
+    gen_args(sp)
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", required=True, help="draft head directory")
+    fit_args(sp)
+    eval_args(sp, draft=False)
+    sp.set_defaults(fn=None)
+
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.fn is not None:
+            args.fn(args)
+        else:  # all
+            data_out, head_out = args.data, args.out
+            args.out = data_out
+            cmd_gen_data(args)
+            args.out = head_out
+            cmd_fit(args)
+            args.draft, args.max_new_tokens = head_out, args.eval_max_new_tokens
+            cmd_eval(args)
+    except FastEagleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Draft-head training (fasteagle/train): data generation, the EAGLE loss loop, resume, and the tau evaluation.
+
+The target is tests/tiny.py's `predictable_pair` target (vocab 64, dim 32, 2 layers) with alpha = 3: its next
+token is mostly a function of the current token, but its attention/MLP weights are scaled up enough that context
+often changes the answer, so a head must learn something real. fp32 on CPU throughout."""
+import json
+import random
+
+import pytest
+import torch
+
+from fasteagle.checkpoint import write_checkpoint
+from fasteagle.draft import load_draft
+from fasteagle.engine import SpecEngine
+from fasteagle.errors import FastEagleError
+from fasteagle.model import causal_mask, rope_cache
+from fasteagle.train import data as data_mod
+from fasteagle.train.__main__ import main
+from fasteagle.train.data import gen_data, generate_batch, load_dataset, load_prompts, read_manifest
+from fasteagle.train.evaluate import evaluate_prompts, summarize
+from fasteagle.train.loop import TrainConfig, fit, new_head, split, train_forward, validate
+from tiny import predictable_pair
+
+VOCAB, EOS, NEW = 64, 0, 48
+
+
+def rand_prompts(n, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(2, 16))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return predictable_pair(3.0, vocab=VOCAB, dim=32)[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, target):
+    d = tmp_path_factory.mktemp("train") / "data"
+    gen_data(target, rand_prompts(256, 0), d, max_new_tokens=NEW, batch_size=32, eos_ids=[EOS], progress=False)
+    return d
+
+
+def test_load_prompts(tmp_path):
+    sharegpt = [{"id": "a", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}]},
+                {"id": "b", "conversations": [{"from": "human", "value": ""}]},  # empty: skipped
+                {"id": "c", "conversations": [{"from": "human", "value": "hello"}]}]  # duplicate: dropped
+    (tmp_path / "sg.json").write_text(json.dumps(sharegpt))
+    (tmp_path / "mt.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["first", "second"]}) + "\n\n" +
+                                       json.dumps({"messages": [{"role": "system", "content": "s"},
+                                                                {"role": "user", "content": "u"}]}) + "\n")
+    assert load_prompts([tmp_path / "sg.json", tmp_path / "mt.jsonl"]) == ["hello", "first", "u"]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(FastEagleError, match="not valid JSON"):
+        load_prompts([tmp_path / "bad.json"])
+    (tmp_path / "none.json").write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(FastEagleError, match="no user prompts"):
+        load_prompts([tmp_path / "none.json"])
+    with pytest.raises(FastEagleError, match="not found"):
+        load_prompts([tmp_path / "missing.json"])
+
+
+@torch.no_grad()
+def test_generate_batch_matches_ar_and_features(target):
+    """Batched right-padded generation (rows finishing at different times, the batch shrinking) gives exactly the
+    B=1 engine's greedy tokens, and features equal to one forward over the whole sequence."""
+    prompts = rand_prompts(9, 1)
+    # an EOS id that some answers contain and some do not, so rows end at different times or run to the limit
+    answers = [set(t[len(p) :].tolist()) for p, (t, _) in zip(prompts, generate_batch(target, prompts, 30))]
+    eos = next(i for i in range(VOCAB) if 2 <= sum(i in a for a in answers) <= 6)
+    out = generate_batch(target, prompts, 30, eos_ids=[eos])
+    target.setup_cache(256)
+    ar = SpecEngine(target)
+    stops = set()
+    for p, (toks, feats) in zip(prompts, out):
+        ref = ar.generate(p, 30, eos_ids=[eos])
+        stops.add(ref.stop_reason)
+        assert toks.tolist() == p + ref.tokens
+        N = len(toks)
+        h = target(toks[None], torch.arange(N)[None], torch.zeros(1, dtype=torch.long), causal_mask(N))[0]
+        torch.testing.assert_close(feats[:-1], h[:-1], atol=1e-5, rtol=1e-5)
+        assert not feats[-1].any()  # the last token never went through the target
+    assert stops == {"eos", "max_new_tokens"}  # both endings exercised
+
+
+def test_gen_data_resumes(tmp_path, target, monkeypatch):
+    prompts = rand_prompts(40, 2)
+    kw = dict(max_new_tokens=12, batch_size=8, eos_ids=[EOS], progress=False)
+    gen_data(target, prompts, tmp_path / "ref", **kw)
+    calls = {"n": 0}
+    real = data_mod.generate_batch
+
+    def dies_after_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(data_mod, "generate_batch", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        gen_data(target, prompts, tmp_path / "cut", **kw)
+    assert len(read_manifest(tmp_path / "cut")["shards"]) == 2
+    monkeypatch.setattr(data_mod, "generate_batch", real)
+    gen_data(target, prompts, tmp_path / "cut", **kw)
+    ref, cut = load_dataset(tmp_path / "ref"), load_dataset(tmp_path / "cut")
+    assert len(ref) == len(cut) == 40
+    for a, b in zip(ref, cut):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.features, b.features) and a.prompt_len == b.prompt_len
+    with pytest.raises(FastEagleError, match="other settings"):
+        gen_data(target, prompts, tmp_path / "cut", **{**kw, "max_new_tokens": 13})
+
+
+def test_train_forward_matches_cached_head(target):
+    head = new_head(target, seed=3)
+    B, T = 3, 20
+    tokens, feats = torch.randint(0, VOCAB, (B, T)), torch.randn(B, T, 32)
+    out = train_forward(head, tokens, feats, rope_cache(head.args, T))
+    head.setup_cache(T)
+    with torch.no_grad():
+        for b in range(B):
+            ref = head(tokens[b : b + 1], feats[b : b + 1], torch.arange(T)[None], torch.zeros(1, dtype=torch.long),
+                       causal_mask(T))
+            torch.testing.assert_close(out[b], ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_trained_head_beats_untrained(target, data_dir, tmp_path):
+    """A few hundred CPU steps: validation top-1 accuracy and EAGLE-2 tau far above an untrained head's, and the
+    speculative output still equals plain greedy output."""
+    cfg = TrainConfig(steps=300, lr=3e-3, warmup=20, batch_tokens=2048, eval_every=100, ckpt_every=100)
+    summary = fit(target, data_dir, tmp_path / "head", cfg, progress=False)
+    assert summary["steps"] == 300 and len(summary["val_history"]) == 3
+    trained = load_draft(tmp_path / "head", target)
+    untrained = new_head(target, seed=0).eval()
+    _, val = split(load_dataset(data_dir), cfg)
+    rope = rope_cache(trained.args, cfg.max_len + 1)
+    acc_t, acc_u = validate(trained, val, rope, cfg)["acc"], validate(untrained, val, rope, cfg)["acc"]
+    assert acc_t == pytest.approx(summary["val_acc"])
+    assert acc_u < 0.1 and acc_t > 0.6, (acc_u, acc_t)  # measured: ~0.00 vs ~0.84
+
+    items = [{"question_id": i, "category": "c%d" % (i % 2), "ids": p} for i, p in enumerate(rand_prompts(6, 99))]
+    taus = {}
+    for name, head in (("trained", trained), ("untrained", untrained)):
+        results = evaluate_prompts(target, head, items, max_new_tokens=NEW, eos_ids=[EOS], progress=False)
+        s = summarize(results)
+        assert s["all_equal"], (name, [r["question_id"] for r in results if not r["equal"]])
+        assert set(s["per_category"]) == {"c0", "c1"}
+        taus[name] = s["tau"]
+    assert taus["untrained"] < 1.5 and taus["trained"] > 3.0, taus  # measured: ~1.05 vs ~5.4 (max 7)
+
+
+def test_fit_resume_is_exact(target, data_dir, tmp_path):
+    cfg = TrainConfig(steps=40, lr=1e-3, warmup=5, batch_tokens=1024, eval_every=0, ckpt_every=10, max_val_seqs=4)
+    fit(target, data_dir, tmp_path / "a", cfg, progress=False)
+    assert fit(target, data_dir, tmp_path / "b", cfg, stop_at=25, progress=False) is None
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(FastEagleError, match="--resume"):
+        fit(target, data_dir, tmp_path / "b", cfg, progress=False)
+    fit(target, data_dir, tmp_path / "b", cfg, resume=True, progress=False)
+    a, b = load_draft(tmp_path / "a", target).state_dict(), load_draft(tmp_path / "b", target).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_cli_fit_and_errors(target, data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "target"
+    ckpt.mkdir()
+    write_checkpoint(ckpt, {"kind": "target", "model": target.args.to_dict()}, target.state_dict())
+    head_dir = tmp_path / "head"
+    argv = ["fit", "--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(head_dir), "--steps", "20",
+            "--eval-every", "0", "--ckpt-every", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    cfg = json.loads((head_dir / "config.json").read_text())
+    assert cfg["kind"] == "draft" and cfg["training"]["steps"] == 20
+    load_draft(head_dir, target)  # --draft loads it directly
+    capsys.readouterr()
+    assert main(argv) == 1  # the output directory is taken now
+    assert "not empty" in capsys.readouterr().err
+    assert main(["fit", "--checkpoint", str(ckpt), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "h2")]) == 1
+    assert "manifest.json" in capsys.readouterr().err
+    assert main(["gen-data", "--checkpoint", str(ckpt), "--prompts", str(tmp_path / "none.json"), "--out",
+                 str(tmp_path / "d")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_prompt_only_data_and_all_positions(target, data_dir, tmp_path):
+    """gen-data with 0 new tokens keeps the prompts' (teacher-forced) features; fit with loss_positions="all"
+    trains on them too, while validation still scores only self-distilled answers."""
+    prompts = rand_prompts(16, 5)
+    gen_data(target, prompts, tmp_path / "p", max_new_tokens=0, batch_size=8, progress=False)
+    seqs = load_dataset(tmp_path / "p")
+    assert sorted(s.tokens.tolist() for s in seqs) == sorted(prompts)
+    assert all(s.prompt_len == len(s.tokens) for s in seqs)
+    with torch.no_grad():
+        s = seqs[0]
+        N = len(s.tokens)
+        target.setup_cache(N)
+        h = target(s.tokens[None], torch.arange(N)[None], torch.zeros(1, dtype=torch.long), causal_mask(N))[0]
+        torch.testing.assert_close(s.features.float(), h, atol=2e-3, rtol=2e-3)  # fp16 on disk
+    cfg = TrainConfig(steps=5, batch_tokens=1024, eval_every=0, ckpt_every=0, loss_positions="all")
+    train, val = split(load_dataset([data_dir, tmp_path / "p"]), cfg)
+    assert all(len(v.tokens) > v.prompt_len for v in val)
+    assert sum(len(t.tokens) == t.prompt_len for t in train) == sum(len(p) >= 3 for p in prompts)
+    summary = fit(target, [data_dir, tmp_path / "p"], tmp_path / "head", cfg, progress=False)
+    assert summary["train_tokens"] > summary["train_answer_tokens"]
+    with pytest.raises(FastEagleError, match="with answers"):
+        fit(target, tmp_path / "p", tmp_path / "head2", cfg, progress=False)
