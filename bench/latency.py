@@ -91,6 +91,7 @@ def parse_args(argv=None):
     r.add_argument("--context-lens", default="512,2048", help="committed cache lengths to measure at")
     r.add_argument("--verify-tokens", default="1,16,32,64", help="verify widths N to time")
     r.add_argument("--reps", type=int, default=20, help="timed calls per phase (the median is reported)")
+    p.add_argument("--replot", type=Path, metavar="RESULT.json", help="only redraw the plot of a result file")
     return p.parse_args(argv)
 
 
@@ -444,6 +445,20 @@ def run_questions(args) -> int:
     return 0
 
 
+def replot(path: Path) -> int:
+    from bench.report import plot_random
+
+    try:
+        res = json.loads(path.read_text())
+        mode = res["mode"]
+    except (OSError, ValueError, KeyError) as e:
+        raise FastEagleError(f"{path}: not a bench.latency result file ({e})") from None
+    png = path.with_suffix(".png")
+    (plot_random if mode == "random-weights" else plot_questions)(res, png)
+    print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------------------------
 
 
@@ -458,6 +473,8 @@ def main(argv=None) -> int:
             for knob in ("recompile_limit", "cache_size_limit"):  # one prefill graph per prompt-length bucket
                 if hasattr(torch._dynamo.config, knob):
                     setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+        if args.replot:
+            return replot(args.replot)
         if args.random_weights:
             from bench.random_weights import run_random
 

@@ -128,7 +128,8 @@ def plot_questions(res: dict, path: Path):
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="gray", lw=1, ls="--")
         if others:
-            ax.legend()
+            ax.margins(y=0.2)  # room above the bars for the legend
+            ax.legend(loc="upper right", ncol=len(others))
     else:
         ax.text(0.5, 0.5, "no AR baseline in this run", ha="center", transform=ax.transAxes)
     ax.set_xticks([c + width * (len(others) - 1) / 2 for c in range(len(cats))], cats, rotation=45, ha="right")
@@ -141,7 +142,8 @@ def plot_questions(res: dict, path: Path):
     ax.set_xticks([c + w2 * (len(spec) - 1) / 2 for c in range(len(cats))], cats, rotation=45, ha="right")
     ax.set_title("mean accepted length τ (tokens per target forward)")
     if spec:
-        ax.legend()
+        ax.margins(y=0.2)
+        ax.legend(loc="upper right", ncol=len(spec))
     ax = axes[2]
     for i, m in enumerate(spec):
         hist = {int(k): v for k, v in s["overall"][m]["accept_len_hist"].items()}

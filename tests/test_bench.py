@@ -155,6 +155,8 @@ def test_end_to_end_resume_and_schema(model_dirs, tmp_path, monkeypatch, capsys)
     assert res["summary"]["overall"]["eagle2"]["tau"] > 1.5
     png = out.with_suffix(".png")
     assert res["plot"] == png.name and is_png(png)
+    png.unlink()
+    assert latency.main(["--replot", str(out)]) == 0 and is_png(png)
     assert "lossless: OK" in capsys.readouterr().out
     # a run with the same settings and an existing result file does nothing new
     calls.clear()
