@@ -123,3 +123,9 @@ def smollm2_dir(fasteagle_cache, smollm2_gguf) -> Path:
     from fasteagle.download import ensure_smollm2
 
     return ensure_smollm2(fasteagle_cache / "SmolLM2-135M-Instruct", gguf_path=smollm2_gguf)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the torch.compile tests last: once inductor has run in a process, the Triton interpreter's kernels fail
+    there ("Cannot call @triton.jit'd outside of the scope of a kernel"), so test_kernels.py must run before it."""
+    items.sort(key=lambda item: item.path.name == "test_compile.py")
