@@ -134,9 +134,11 @@ def main(argv=None) -> int:
         if draft:
             sp.add_argument("--draft", required=True, help="the draft head directory")
         sp.add_argument("--questions", required=True, help="MT-bench question.jsonl (first turns are used)")
-        sp.add_argument("--eval-max-new-tokens" if not draft else "--max-new-tokens", dest="max_new_tokens" if draft
-                        else "eval_max_new_tokens", type=int, default=256)
-        sp.add_argument("--eval-limit" if not draft else "--limit", dest="limit", type=int, default=None,
+        # in `all`, --max-new-tokens and --limit belong to gen-data: the eval ones get an eval- prefix there
+        prefix = "" if draft else "eval-"
+        sp.add_argument(f"--{prefix}max-new-tokens", dest=f"{prefix.replace('-', '_')}max_new_tokens", type=int,
+                        default=256, help="new tokens per question (default %(default)s)")
+        sp.add_argument(f"--{prefix}limit", dest=f"{prefix.replace('-', '_')}limit", type=int, default=None,
                         help="only the first K questions")
         sp.add_argument("--depth", type=int, default=6)
         sp.add_argument("--top-k", type=int, default=10)
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
             cmd_gen_data(args)
             args.out = head_out
             cmd_fit(args)
-            args.draft, args.max_new_tokens = head_out, args.eval_max_new_tokens
+            args.draft, args.max_new_tokens, args.limit = head_out, args.eval_max_new_tokens, args.eval_limit
             cmd_eval(args)
     except FastEagleError as e:
         print(f"error: {e}", file=sys.stderr)
