@@ -200,6 +200,12 @@ def test_prompt_only_data_and_all_positions(target, data_dir, tmp_path):
     train, val = split(load_dataset([data_dir, tmp_path / "p"]), cfg)
     assert all(len(v.tokens) > v.prompt_len for v in val)
     assert sum(len(t.tokens) == t.prompt_len for t in train) == sum(len(p) >= 3 for p in prompts)
+    # the same prompts again, with answers this time: each prompt is kept once, with its answer
+    gen_data(target, prompts[:6], tmp_path / "a", max_new_tokens=8, batch_size=8, eos_ids=[EOS], progress=False)
+    both = load_dataset([tmp_path / "p", tmp_path / "a", tmp_path / "a"])
+    assert len(both) == len(prompts)
+    assert [s.tokens[: s.prompt_len].tolist() for s in both] == [s.tokens.tolist() for s in seqs]
+    assert sum(len(s.tokens) > s.prompt_len for s in both) == 6
     summary = fit(target, [data_dir, tmp_path / "p"], tmp_path / "head", cfg, progress=False)
     assert summary["train_tokens"] > summary["train_answer_tokens"]
     with pytest.raises(FastEagleError, match="with answers"):

@@ -263,10 +263,25 @@ class Sequence:
 
 
 def load_dataset(data_dirs, dim: int | None = None) -> list[Sequence]:
-    """All finished shards' sequences of one or several data directories (features stay fp16 in memory)."""
-    if isinstance(data_dirs, (list, tuple)):
-        return [s for d in data_dirs for s in load_dataset(d, dim)]
-    data_dir = data_dirs
+    """All finished shards' sequences of one or several data directories (features stay fp16 in memory).
+
+    A prompt that occurs more than once (two data directories made from overlapping prompt files) is kept once,
+    with the longest answer: the target's greedy answers to one prompt are the same, and a duplicate would be
+    trained on twice or, worse, sit on both sides of the validation split."""
+    dirs = data_dirs if isinstance(data_dirs, (list, tuple)) else [data_dirs]
+    by_prompt: dict[tuple, int] = {}
+    seqs: list[Sequence] = []
+    for s in (s for d in dirs for s in _load_dir(d, dim)):
+        key = tuple(s.tokens[: s.prompt_len].tolist())
+        if key not in by_prompt:
+            by_prompt[key] = len(seqs)
+            seqs.append(s)
+        elif len(s.tokens) > len(seqs[by_prompt[key]].tokens):
+            seqs[by_prompt[key]] = s
+    return seqs
+
+
+def _load_dir(data_dir, dim: int | None) -> list[Sequence]:
     manifest = read_manifest(data_dir)
     if not manifest["shards"]:
         raise FastEagleError(f"{data_dir}: no finished shards yet")
