@@ -139,13 +139,23 @@ def test_trained_head_beats_untrained(target, data_dir, tmp_path):
 
     items = [{"question_id": i, "category": "c%d" % (i % 2), "ids": p} for i, p in enumerate(rand_prompts(6, 99))]
     taus = {}
+    ar_cache = tmp_path / "ar.jsonl"
     for name, head in (("trained", trained), ("untrained", untrained)):
-        results = evaluate_prompts(target, head, items, max_new_tokens=NEW, eos_ids=[EOS], progress=False)
+        results = evaluate_prompts(target, head, items, max_new_tokens=NEW, eos_ids=[EOS], ar_cache=ar_cache,
+                                   progress=False)
+        assert len(ar_cache.read_text().splitlines()) == len(items)  # the second head reused the AR outputs
         s = summarize(results)
         assert s["all_equal"], (name, [r["question_id"] for r in results if not r["equal"]])
         assert set(s["per_category"]) == {"c0", "c1"}
         taus[name] = s["tau"]
     assert taus["untrained"] < 1.5 and taus["trained"] > 3.0, taus  # measured: ~1.05 vs ~5.4 (max 7)
+    # a cached AR output that differs from the real one is caught as a mismatch, not trusted blindly
+    lines = [json.loads(x) for x in ar_cache.read_text().splitlines()]
+    lines[0]["tokens"] = lines[0]["tokens"][:-1] + [(lines[0]["tokens"][-1] + 1) % VOCAB]
+    ar_cache.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    results = evaluate_prompts(target, trained, items[:1], max_new_tokens=NEW, eos_ids=[EOS], ar_cache=ar_cache,
+                               progress=False)
+    assert not results[0]["equal"]
 
 
 def test_fit_resume_is_exact(target, data_dir, tmp_path):
@@ -159,6 +169,13 @@ def test_fit_resume_is_exact(target, data_dir, tmp_path):
     a, b = load_draft(tmp_path / "a", target).state_dict(), load_draft(tmp_path / "b", target).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # fine-tuning starts from the given head: with a vanishing learning rate it stays where it started
+    tiny_lr = TrainConfig(steps=3, lr=1e-12, warmup=1, batch_tokens=1024, eval_every=0, ckpt_every=0, max_val_seqs=4)
+    summary = fit(target, data_dir, tmp_path / "c", tiny_lr, init=tmp_path / "a", progress=False)
+    assert summary["init"] == str(tmp_path / "a")
+    c = load_draft(tmp_path / "c", target).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_cli_fit_and_errors(target, data_dir, tmp_path, capsys):

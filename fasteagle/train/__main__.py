@@ -61,7 +61,7 @@ def cmd_fit(args):
                       seed=args.seed, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                       save_dtype=args.save_dtype, loss_positions=args.loss_positions)
     fit(target, args.data, args.out, cfg, resume=args.resume, state_dir=args.state_dir, stop_at=args.stop_at,
-        source={"checkpoint": str(args.checkpoint)})
+        init=args.init, source={"checkpoint": str(args.checkpoint)})
 
 
 def cmd_eval(args):
@@ -81,7 +81,8 @@ def cmd_eval(args):
             raise FastEagleError(f"--part {args.part!r}: expected I/N, e.g. 0/2") from None
         part = (i, n)
     evaluate_mt_bench(target, head, tok, args.questions, out, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                      depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens, part=part)
+                      depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens, part=part,
+                      ar_cache=args.ar_cache)
 
 
 def main(argv=None) -> int:
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
                              "included (teacher-forced text, e.g. data from gen-data --max-new-tokens 0)")
         sp.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the written head's weights (default %(default)s)")
+        sp.add_argument("--init", default=None, help="start from this draft head (fine-tuning) instead of random "
+                        "weights")
         sp.add_argument("--resume", action="store_true", help="continue from the training state in --state-dir")
         sp.add_argument("--state-dir", default=None, help="training state (default: HEAD_DIR + '.state')")
         sp.add_argument("--stop-at", type=int, default=None, help="save the state and stop after this many steps")
@@ -144,6 +147,8 @@ def main(argv=None) -> int:
         sp.add_argument("--top-k", type=int, default=10)
         sp.add_argument("--total-tokens", type=int, default=60)
         sp.add_argument("--result", default=None, help="result JSON (default: DRAFT/eval_mt_bench.json)")
+        sp.add_argument("--ar-cache", default=None, help="JSONL file of plain greedy outputs, read and extended: "
+                        "evaluating several heads of one target runs the AR reference once")
         if draft:
             sp.add_argument("--part", default=None, help="I/N: run only every N-th question from the I-th (parallel "
                             "CPU runs); a final run without --part collects all parts and writes the summary")

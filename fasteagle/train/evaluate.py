@@ -38,17 +38,55 @@ def load_questions(path, limit: int | None = None) -> list[dict]:
     return out[:limit] if limit is not None else out
 
 
-def run_question(target, head, prompt_ids, max_new_tokens, eos_ids, depth, top_k, total_tokens) -> dict:
-    """AR and EAGLE-2 greedy on one prompt, with the same KV cache size for both."""
-    # a cache just big enough (the SDPA path attends over the whole static cache, so smaller is faster)
-    target.setup_cache(len(prompt_ids) + max_new_tokens + total_tokens + depth + 8)
+def cache_size(n_prompt: int, max_new_tokens: int, depth: int, total_tokens: int) -> int:
+    """One KV cache size for both AR and EAGLE-2 on a prompt: room for a full tree at the very end. It does not
+    depend on the tree unless the tree is large, so cached AR outputs stay valid across tree settings."""
+    return n_prompt + max_new_tokens + max(128, total_tokens + depth + 8)
+
+
+def run_ar(target, prompt_ids, max_new_tokens, eos_ids, max_seq_len) -> dict:
+    target.setup_cache(max_seq_len)
     ar = SpecEngine(target).generate(prompt_ids, max_new_tokens, eos_ids=eos_ids)
+    return {"tokens": ar.tokens, "seconds": round(ar.seconds, 3)}
+
+
+def run_question(target, head, prompt_ids, ar: dict, max_new_tokens, eos_ids, depth, top_k, total_tokens,
+                 max_seq_len) -> dict:
+    """EAGLE-2 greedy on one prompt, compared with its plain greedy output `ar` (from run_ar, same cache size)."""
+    target.setup_cache(max_seq_len)
     spec = SpecEngine(target, head, tree="dynamic", depth=depth, top_k=top_k, total_tokens=total_tokens).generate(
         prompt_ids, max_new_tokens, eos_ids=eos_ids)
-    return {"prompt_tokens": len(prompt_ids), "new_tokens": len(spec.tokens), "ar_tokens": len(ar.tokens),
-            "equal": spec.tokens == ar.tokens, "emitted": sum(spec.accept_lens), "rounds": len(spec.accept_lens),
-            "tau": spec.mean_accepted, "ar_seconds": round(ar.seconds, 3), "spec_seconds": round(spec.seconds, 3),
+    return {"prompt_tokens": len(prompt_ids), "new_tokens": len(spec.tokens), "ar_tokens": len(ar["tokens"]),
+            "equal": spec.tokens == ar["tokens"], "emitted": sum(spec.accept_lens), "rounds": len(spec.accept_lens),
+            "tau": spec.mean_accepted, "ar_seconds": ar["seconds"], "spec_seconds": round(spec.seconds, 3),
             "stop_reason": spec.stop_reason}
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's weights (which head, which target a cached result belongs to)."""
+    h = hashlib.sha256()
+    for t in module.state_dict().values():
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _read_jsonl(paths) -> list[dict]:
+    out = []
+    for path in paths:
+        if path is None or not Path(path).exists():
+            continue
+        for line in Path(path).read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: that question runs again
+                continue
+    return out
+
+
+def _append_jsonl(path, obj):
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
 
 
 def summarize(results: list[dict]) -> dict:
@@ -70,38 +108,43 @@ def summarize(results: list[dict]) -> dict:
 
 @torch.no_grad()
 def evaluate_prompts(target, head, items: list[dict], *, max_new_tokens: int = 256, eos_ids=(), depth: int = 6,
-                     top_k: int = 10, total_tokens: int = 60, partial_path=None, resume_from=(),
+                     top_k: int = 10, total_tokens: int = 60, partial_path=None, resume_from=(), ar_cache=None,
                      progress: bool = True) -> list[dict]:
     """items: [{"question_id", "category", "ids"}]. Returns one result dict per item. Finished results are
-    appended to partial_path; results already in partial_path or the resume_from files (same settings) are reused."""
+    appended to partial_path; results already in partial_path or the resume_from files (same settings) are reused.
+    ar_cache: a JSONL file of plain greedy outputs (per target, prompt, length and cache size), read and extended,
+    so that evaluating several heads of one target runs the AR reference once. head=None: only the AR outputs
+    (filling ar_cache ahead of time); each result is then {"question_id", "ar_tokens", "ar_seconds"}."""
+    dtype = str(target.embed.weight.dtype)
     settings = {"max_new_tokens": max_new_tokens, "eos_ids": sorted(eos_ids), "depth": depth, "top_k": top_k,
-                "total_tokens": total_tokens, "dtype": str(target.embed.weight.dtype),
-                "head": hashlib.sha256(b"".join(t.detach().cpu().float().numpy().tobytes()
-                                                for t in head.state_dict().values())).hexdigest()[:16]}
-    done = {}
-    for path in [*resume_from, *([partial_path] if partial_path is not None else [])]:
-        if not Path(path).exists():
-            continue
-        for line in Path(path).read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: that question runs again
-                continue
-            if r.get("settings") == settings:
-                done[r["question_id"]] = r
+                "total_tokens": total_tokens, "dtype": dtype, "head": fingerprint(head) if head is not None else None}
+    done = {r["question_id"]: r for r in _read_jsonl([*resume_from, partial_path])
+            if r.get("settings") == settings and head is not None}
+    ar_done = {}
+    if ar_cache is not None:
+        target_id = fingerprint(target)
+        ar_done = {r["key"]: r for r in _read_jsonl([ar_cache]) if r.get("target") == target_id}
     results = []
     bar = tqdm(items, desc="eval", unit="q", disable=not progress, dynamic_ncols=True)
     for it in bar:
         if it["question_id"] in done:
             results.append(done[it["question_id"]])
             continue
+        S = cache_size(len(it["ids"]), max_new_tokens, depth, total_tokens)
+        key = hashlib.sha256(json.dumps([it["ids"], max_new_tokens, sorted(eos_ids), dtype, S]).encode()).hexdigest()
+        ar = ar_done.get(key)
+        if ar is None:
+            ar = run_ar(target, it["ids"], max_new_tokens, eos_ids, S)
+            if ar_cache is not None:
+                _append_jsonl(ar_cache, {"key": key, "target": target_id, **ar})
+        if head is None:
+            results.append({"question_id": it["question_id"], "ar_tokens": ar["tokens"], "ar_seconds": ar["seconds"]})
+            continue
         r = {"question_id": it["question_id"], "category": it.get("category", "?"),
-             **run_question(target, head, it["ids"], max_new_tokens, eos_ids, depth, top_k, total_tokens),
+             **run_question(target, head, it["ids"], ar, max_new_tokens, eos_ids, depth, top_k, total_tokens, S),
              "settings": settings}
         results.append(r)
-        if partial_path is not None:
-            with open(partial_path, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        _append_jsonl(partial_path, r)
         s = summarize(results)
         bar.set_postfix(tau=f"{s['tau']:.3f}" if s["tau"] else "-", equal=f"{s['n_equal']}/{s['n']}")
     return results
@@ -109,7 +152,7 @@ def evaluate_prompts(target, head, items: list[dict], *, max_new_tokens: int = 2
 
 def evaluate_mt_bench(target, head, tokenizer, questions_path, out_path, *, max_new_tokens: int = 256,
                       limit: int | None = None, depth: int = 6, top_k: int = 10, total_tokens: int = 60,
-                      part: tuple[int, int] | None = None) -> dict | None:
+                      part: tuple[int, int] | None = None, ar_cache=None) -> dict | None:
     """EAGLE-2 greedy on the first turns of an MT-bench question file; writes and returns the summary.
     part=(i, n): run only questions i, i+n, i+2n, ... into their own partial file and write no summary (several
     processes share a slow CPU run); a later call without part reuses every part's results."""
@@ -131,7 +174,7 @@ def evaluate_mt_bench(target, head, tokenizer, questions_path, out_path, *, max_
     others = sorted(out_path.parent.glob(f"{stem}*.jsonl"))
     results = evaluate_prompts(target, head, items, max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids,
                                depth=depth, top_k=top_k, total_tokens=total_tokens, partial_path=partial,
-                               resume_from=[p for p in others if p != partial])
+                               resume_from=[p for p in others if p != partial], ar_cache=ar_cache)
     if part is not None:
         s = summarize(results)
         print(f"part {part[0]}/{part[1]}: {s['n']} questions, tau {s['tau']}, spec == AR on {s['n_equal']}")

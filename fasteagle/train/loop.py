@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fasteagle.draft import DraftHead, save_draft
+from fasteagle.draft import DraftHead, load_draft, save_draft
 from fasteagle.errors import FastEagleError
 from fasteagle.model import ModelArgs, apply_rope, rope_cache
 from fasteagle.train.data import load_dataset, read_manifest
@@ -239,11 +239,13 @@ def _save_atomic(obj, path: Path):
 
 
 def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, state_dir=None, source=None,
-        stop_at: int | None = None, progress: bool = True) -> dict | None:
+        stop_at: int | None = None, init=None, progress: bool = True) -> dict | None:
     """Train a draft head on DATA_DIR and write it (the best validation accuracy seen) to out_dir with save_draft.
     The training state goes to state_dir (default out_dir + '.state') every cfg.ckpt_every steps; resume=True
     continues from it. stop_at: save the state and return None once this many steps are done (split a long run
-    over several sessions). Returns the training summary (also stored in the head's config.json as "training")."""
+    over several sessions). init: a draft head directory to start from instead of random weights (fine-tune a
+    head on new data; the optimizer and schedule start afresh). Returns the training summary (also stored in the
+    head's config.json as "training")."""
     if cfg.steps < 1 or cfg.lr <= 0 or cfg.batch_tokens < 1 or cfg.max_len < 2:
         raise FastEagleError("steps, lr, batch-tokens must be positive and max-len >= 2")
     if cfg.save_dtype not in _DTYPES:
@@ -272,6 +274,11 @@ def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, st
     n_answer = sum(len(s.tokens) - s.prompt_len for s in train)
 
     head = new_head(target, cfg.seed).train()  # fp32 weights whatever the target's dtype (autocast on GPU)
+    if init is not None and not resume:
+        start = load_draft(init, target, device=dev)
+        if start.args != head.args or (start.fc.bias is None) != (head.fc.bias is None):
+            raise FastEagleError(f"--init {init}: not an EAGLE-1/2 head of this shape")
+        head.load_state_dict(start.state_dict())
     if cfg.ce_vocab == "data":  # the ids of the self-distilled sequences (prompt-only text would only widen it)
         ids = torch.unique(torch.cat([s.tokens for s in train if len(s.tokens) > s.prompt_len] or
                                      [s.tokens for s in train]))
@@ -360,7 +367,7 @@ def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, st
         "train_sequences": len(train), "train_answer_tokens": n_answer,
         "train_tokens": sum(len(s.tokens) for s in train), "val_sequences": len(val),
         "ce_vocab_size": int(lm_w.shape[0]), "config": asdict(cfg), "device": str(dev),
-        "data": data_dirs, **({"source": source} if source else {}),
+        "data": data_dirs, **({"init": str(init)} if init is not None else {}), **({"source": source} if source else {}),
     }
     save_draft(head.to(_DTYPES[cfg.save_dtype]), out_dir, extra={"training": summary})
     head.float()
