@@ -114,13 +114,32 @@ def test_train_forward_matches_cached_head(target):
     head = new_head(target, seed=3)
     B, T = 3, 20
     tokens, feats = torch.randint(0, VOCAB, (B, T)), torch.randn(B, T, 32)
-    out = train_forward(head, tokens, feats, rope_cache(head.args, T))
+    (out,) = train_forward(head, tokens, feats, rope_cache(head.args, T))
     head.setup_cache(T)
     with torch.no_grad():
         for b in range(B):
             ref = head(tokens[b : b + 1], feats[b : b + 1], torch.arange(T)[None], torch.zeros(1, dtype=torch.long),
                        causal_mask(T))
             torch.testing.assert_close(out[b], ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_train_forward_deeper_steps_match_drafting(target):
+    """Step k of train_forward at pair t equals drafting k levels deep with the cached head: pairs 0..t-k+1 on
+    real features, then k-1 single-token steps, each fed the previous step's output (as the draft tree does)."""
+    head = new_head(target, seed=4)
+    T, steps = 12, 3
+    tokens, feats = torch.randint(0, VOCAB, (1, T)), torch.randn(1, T, 32)
+    with torch.no_grad():
+        outs = train_forward(head, tokens, feats, rope_cache(head.args, T), steps=steps)
+        for k in range(2, steps + 1):
+            for t in (k - 1, 5, T - 1):
+                head.setup_cache(T)
+                n = t - k + 2  # real pairs 0..t-k+1
+                out = head(tokens[:, :n], feats[:, :n], torch.arange(n)[None], torch.zeros(1, dtype=torch.long),
+                           causal_mask(n))[:, -1:]
+                for p in range(n, t + 1):
+                    out = head(tokens[:, p : p + 1], out, torch.tensor([[p]]), torch.tensor([p]), causal_mask(1))
+                torch.testing.assert_close(outs[k - 1][0, t], out[0, 0], atol=1e-5, rtol=1e-5, msg=f"k={k} t={t}")
 
 
 def test_trained_head_beats_untrained(target, data_dir, tmp_path):

@@ -59,7 +59,7 @@ def cmd_fit(args):
                       max_len=args.max_len, val_frac=args.val_frac, ckpt_every=args.ckpt_every,
                       eval_every=args.eval_every, noise=args.noise, ce_weight=args.ce_weight, ce_vocab=args.ce_vocab,
                       seed=args.seed, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                      save_dtype=args.save_dtype, loss_positions=args.loss_positions)
+                      save_dtype=args.save_dtype, loss_positions=args.loss_positions, ttt_steps=args.ttt_steps)
     fit(target, args.data, args.out, cfg, resume=args.resume, state_dir=args.state_dir, stop_at=args.stop_at,
         init=args.init, source={"checkpoint": str(args.checkpoint)})
 
@@ -125,6 +125,9 @@ def main(argv=None) -> int:
         sp.add_argument("--loss-positions", choices=["answer", "all"], default="answer",
                         help="train on the self-distilled answers only (default) or on every position, prompts "
                              "included (teacher-forced text, e.g. data from gen-data --max-new-tokens 0)")
+        sp.add_argument("--ttt-steps", type=int, default=1,
+                        help="drafting steps simulated in training: k > 1 also trains the head on its own predicted "
+                             "features, k levels deep (training-time test; ~k times the compute; default 1)")
         sp.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the written head's weights (default %(default)s)")
         sp.add_argument("--init", default=None, help="start from this draft head (fine-tuning) instead of random "

@@ -8,6 +8,8 @@ For a sequence x[0..N) with target features f[0..N-1) (f[t] = final-normed last 
 averaged over the answer positions (f[t+1] belongs to the prompt's last token or to the answer: what the head
 must predict at inference), W = the target's frozen LM head. Uniform noise U(-noise/2, noise/2) on the input
 features, as in the EAGLE reference, makes the head robust to its own (imperfect) features when it drafts deeper.
+ttt_steps = k > 1 goes further (training-time test, HASS / EAGLE-3): the loss also covers steps 2..k, where the
+head's input is its own previous prediction and its attention sees what it would see k levels deep in the tree.
 
 The soft CE costs two LM-head products per token (the head itself is ~4M parameters; SmolLM2's LM head is 28M):
 with ce_vocab="data" both are restricted to the token ids that occur in the training data (W's rows for those ids
@@ -58,6 +60,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)
     loss_positions: str = "answer"  # "answer": the self-distilled answers only; "all": every position (prompts too)
     save_dtype: str = "float32"  # dtype of the written head's weights (float16 halves the file; loads into any dtype)
+    ttt_steps: int = 1  # drafting steps simulated in training (1 = the EAGLE objective; see train_forward)
 
 
 def new_head(target, seed: int = 0) -> DraftHead:
@@ -68,25 +71,46 @@ def new_head(target, seed: int = 0) -> DraftHead:
     return DraftHead(args, fc_bias=True).to(dev).bind(target)
 
 
-def train_forward(head: DraftHead, tokens, features, rope):
-    """Cache-free DraftHead.forward over whole sequences: tokens [B, T], features [B, T, dim] -> out [B, T, dim].
-    rope: rope_cache(head.args, >= T) on the head's device. Position t of every row is t."""
+def train_forward(head: DraftHead, tokens, features, rope, steps: int = 1) -> list:
+    """Cache-free DraftHead.forward over whole sequences: tokens [B, T], features [B, T, dim] -> [out [B, T, dim]]
+    per drafting step. rope: rope_cache(head.args, >= T) on the head's device. Position t of every row is t.
+
+    Pair t = (feature of token t, token t+1); the head's output at pair t predicts the feature of token t+1.
+    Step 1 is the head on the target's features, as in the plain EAGLE objective. Step k > 1 simulates drafting
+    k levels deep (training-time test, as in HASS / EAGLE-3): pair t's feature is the head's own step k-1
+    prediction from pair t-1, and pair t attends to what it would see in the tree at depth k: the step-1 keys of
+    pairs 0..t-k+1 (the accepted context, real features) and the step-i keys of pair t-k+i for i = 2..k (its
+    drafted ancestors and itself). Row t < k-1 of step k has no such past and is meaningless (masked by the loss)."""
     B, T = tokens.shape
-    x = head.fc(torch.cat([F.embedding(tokens, head.embed_weight), features.to(head.fc.weight.dtype)], -1))
     layer = head.layers[0]
     attn = layer.attn
-    h = layer.attn_norm(x)
-    q = attn.wq(h).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.wk(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.wv(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    rep = attn.n_heads // attn.n_kv_heads
     cos_sin = rope[:T][None].expand(B, T, *rope.shape[1:])
-    q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-    if attn.n_kv_heads != attn.n_heads:  # repeat K/V heads (enable_gqa is not in every torch this runs on)
-        k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
-        v = v.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    x = x + attn.wo(o.transpose(1, 2).reshape(B, T, -1))
-    return x + layer.mlp(layer.mlp_norm(x))
+    emb = F.embedding(tokens, head.embed_weight)
+    outs, keys, values = [], [], []
+    t = torch.arange(T, device=tokens.device)
+    for k in range(1, steps + 1):
+        if k > 1:  # pair t takes the prediction made at pair t-1; row 0 gets a zero feature (masked)
+            features = F.pad(outs[-1][:, :-1], (0, 0, 1, 0))
+        x = head.fc(torch.cat([emb, features.to(head.fc.weight.dtype)], -1))
+        h = layer.attn_norm(x)
+        q = attn.wq(h).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        kk = attn.wk(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.wv(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q, kk = apply_rope(q, cos_sin), apply_rope(kk, cos_sin)
+        if rep > 1:  # repeat K/V heads (enable_gqa is not in every torch this runs on)
+            kk, v = kk.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        keys.append(kk)
+        values.append(v)
+        if k == 1:
+            o = F.scaled_dot_product_attention(q, kk, v, is_causal=True)
+        else:  # [T, k*T] mask over the keys of steps 1..k
+            blocks = [t[None, :] <= t[:, None] - k + 1] + [t[None, :] == t[:, None] - k + i for i in range(2, k + 1)]
+            o = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2),
+                                               attn_mask=torch.cat(blocks, 1))
+        x = x + attn.wo(o.transpose(1, 2).reshape(B, T, -1))
+        outs.append(x + layer.mlp(layer.mlp_norm(x)))
+    return outs
 
 
 # --- batches ---------------------------------------------------------------------------------------------------------
@@ -147,45 +171,59 @@ def epoch_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int) 
 
 
 def head_loss(head, batch, rope, lm_w, cfg: TrainConfig, noise: bool):
-    """Returns (loss, vloss, ploss, n positions, correct top-1 over lm_w's rows vs the target's argmax)."""
+    """Returns (loss, vloss, ploss, n positions, correct top-1 over lm_w's rows vs the target's argmax), the last
+    four for step 1. With cfg.ttt_steps > 1 the loss adds step k's (weighted 0.8^(k-1)) at the positions it has."""
     tokens, feats, target, _, mask = batch
     if noise and cfg.noise > 0:
         feats = feats + (torch.rand_like(feats) - 0.5) * cfg.noise
-    out = train_forward(head, tokens, feats, rope)
-    pred, tgt = out[mask].float(), target[mask]  # [M, dim]: only answer positions pay for the LM head
-    vloss = F.smooth_l1_loss(pred, tgt)
-    with torch.no_grad():
-        tgt_logits = tgt @ lm_w.t()
-        p = torch.softmax(tgt_logits, -1)
-    logits = (pred @ lm_w.t()).float()
-    ploss = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
-    correct = (logits.argmax(-1) == tgt_logits.argmax(-1)).sum()
-    return vloss + cfg.ce_weight * ploss, vloss, ploss, pred.shape[0], correct
+    outs = train_forward(head, tokens, feats, rope, cfg.ttt_steps)
+    loss = 0.0
+    for k, out in enumerate(outs, 1):
+        m = mask.clone()
+        m[:, : k - 1] = False
+        pred, tgt = out[m].float(), target[m]  # [M, dim]: only answer positions pay for the LM head
+        vloss_k = F.smooth_l1_loss(pred, tgt)
+        with torch.no_grad():
+            tgt_logits = tgt @ lm_w.t()
+            p = torch.softmax(tgt_logits, -1)
+        logits = (pred @ lm_w.t()).float()
+        ploss_k = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
+        loss = loss + 0.8 ** (k - 1) * (vloss_k + cfg.ce_weight * ploss_k)
+        if k == 1:
+            vloss, ploss, n = vloss_k, ploss_k, pred.shape[0]
+            correct = (logits.argmax(-1) == tgt_logits.argmax(-1)).sum()
+    return loss, vloss, ploss, n, correct
 
 
 @torch.no_grad()
 def validate(head, seqs, rope, cfg: TrainConfig, batch_tokens: int | None = None) -> dict:
     """Top-1 accuracy of the head's next-token guess (full vocabulary) against the target's greedy token, plus
     the regression loss, over the answer positions of `seqs` (no input noise): always the self-distilled answers,
-    what the head meets at inference, whatever positions it was trained on."""
+    what the head meets at inference, whatever positions it was trained on. acc2: the same one level deeper, on
+    the head's own predicted feature (step 2 of train_forward), which is what drafting depth 2 and beyond needs."""
     if not seqs:
-        return {"acc": None, "vloss": None, "n": 0}
+        return {"acc": None, "acc2": None, "vloss": None, "n": 0}
     dev = head.fc.weight.device
     was_training = head.training
     head.eval()
     lengths = [_pairs(s, cfg.max_len)[1] for s in seqs]
-    correct = n = 0
+    correct = correct2 = n = n2 = 0
     vsum = 0.0
     for idx in epoch_batches(lengths, batch_tokens or cfg.batch_tokens, 0, 0):
         tokens, feats, target, labels, mask = collate([seqs[i] for i in idx], cfg.max_len, dev)
         with _autocast(dev):
-            out = train_forward(head, tokens, feats, rope)
+            out, out2 = train_forward(head, tokens, feats, rope, steps=2)
         pred = out[mask].float()
         vsum += F.smooth_l1_loss(pred, target[mask], reduction="sum").item() / pred.shape[-1]
         correct += int((head.logits(pred.to(head.lm_head_weight.dtype)).argmax(-1) == labels[mask]).sum())
         n += pred.shape[0]
+        mask[:, 0] = False
+        pred2 = out2[mask].to(head.lm_head_weight.dtype)
+        correct2 += int((head.logits(pred2).argmax(-1) == labels[mask]).sum())
+        n2 += pred2.shape[0]
     head.train(was_training)
-    return {"acc": correct / n if n else None, "vloss": vsum / n if n else None, "n": n}
+    return {"acc": correct / n if n else None, "acc2": correct2 / n2 if n2 else None,
+            "vloss": vsum / n if n else None, "n": n}
 
 
 def _autocast(dev):
@@ -225,7 +263,8 @@ def split(seqs, cfg: TrainConfig):
 def _val_line(v):
     if v["acc"] is None:
         return f"step {v['step']}: no validation positions"
-    return f"step {v['step']}: val top-1 acc {v['acc']:.4f}, smooth-L1 {v['vloss']:.4f} ({v['n']} positions)"
+    return (f"step {v['step']}: val top-1 acc {v['acc']:.4f} (depth 2: {v['acc2']:.4f}), smooth-L1 {v['vloss']:.4f} "
+            f"({v['n']} positions)")
 
 
 def _ema(old, new, keep=0.95):
@@ -246,8 +285,8 @@ def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, st
     over several sessions). init: a draft head directory to start from instead of random weights (fine-tune a
     head on new data; the optimizer and schedule start afresh). Returns the training summary (also stored in the
     head's config.json as "training")."""
-    if cfg.steps < 1 or cfg.lr <= 0 or cfg.batch_tokens < 1 or cfg.max_len < 2:
-        raise FastEagleError("steps, lr, batch-tokens must be positive and max-len >= 2")
+    if cfg.steps < 1 or cfg.lr <= 0 or cfg.batch_tokens < 1 or cfg.max_len < 2 or cfg.ttt_steps < 1:
+        raise FastEagleError("steps, lr, batch-tokens, ttt-steps must be positive and max-len >= 2")
     if cfg.save_dtype not in _DTYPES:
         raise FastEagleError(f"unknown save dtype {cfg.save_dtype!r} ({', '.join(_DTYPES)})")
     if cfg.loss_positions not in ("answer", "all"):
@@ -363,7 +402,7 @@ def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, st
     summary = {
         "steps": step, "epochs": round(epoch + batch_pos / max(1, n_batches), 2),
         "best_step": best["step"] if best else step, "val_acc": best["acc"] if best else None,
-        "val_history": [{k: h[k] for k in ("step", "acc", "vloss", "n")} for h in history],
+        "val_history": [{k: h.get(k) for k in ("step", "acc", "acc2", "vloss", "n")} for h in history],
         "train_sequences": len(train), "train_answer_tokens": n_answer,
         "train_tokens": sum(len(s.tokens) for s in train), "val_sequences": len(val),
         "ce_vocab_size": int(lm_w.shape[0]), "config": asdict(cfg), "device": str(dev),
