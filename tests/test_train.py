@@ -211,6 +211,19 @@ def test_cli_fit_and_errors(target, data_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 1  # the output directory is taken now
     assert "not empty" in capsys.readouterr().err
+    # fine-tune that head with training-time test: the depth-2 accuracy is validated and recorded
+    argv_ttt = ["fit", "--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(tmp_path / "ttt"), "--steps",
+                "4", "--eval-every", "0", "--ckpt-every", "0", "--init", str(head_dir), "--ttt-steps", "3"]
+    assert main(argv_ttt) == 0
+    training = json.loads((tmp_path / "ttt" / "config.json").read_text())["training"]
+    assert training["config"]["ttt_steps"] == 3 and training["init"] == str(head_dir)
+    assert 0 < training["val_history"][-1]["acc2"] <= 1
+    capsys.readouterr()
+    base = ["fit", "--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(tmp_path / "ttt2"), "--steps", "4"]
+    assert main(base + ["--ttt-steps", "0"]) == 1
+    assert "ttt-steps" in capsys.readouterr().err
+    assert main(base + ["--init", str(tmp_path)]) == 1  # not a draft head
+    assert "config.json" in capsys.readouterr().err
     assert main(["fit", "--checkpoint", str(ckpt), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "h2")]) == 1
     assert "manifest.json" in capsys.readouterr().err
     assert main(["gen-data", "--checkpoint", str(ckpt), "--prompts", str(tmp_path / "none.json"), "--out",
