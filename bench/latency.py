@@ -38,10 +38,12 @@ import torch
 
 from bench.env import BENCH, DTYPES, default_out, device_info, header, sync, write_json_atomic
 from bench.report import TREES, format_summary, lossless_report, plot_questions, summarize
+from fasteagle.cli import interrupted, sigterm_as_interrupt
 from fasteagle.errors import FastEagleError
 
 DEFAULT_QUESTIONS = BENCH.parents[1] / "shared" / "data" / "mt_bench" / "question.jsonl"
 DEFAULT_HEAD = BENCH.parent / "fasteagle" / "heads" / "SmolLM2-135M-Instruct"
+from fasteagle.engine import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS  # noqa: E402
 METHODS = ("ar", "eagle1", "eagle2", "hf")
 MISMATCH_EXIT = 3
 
@@ -56,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--questions", type=Path, help=f"question .jsonl (default: {DEFAULT_QUESTIONS})")
     p.add_argument("--methods", default="ar,eagle1,eagle2", help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--stride", type=int, default=1, help="every K-th question (all categories, fewer questions)")
     p.add_argument("--turns", type=int, help="at most this many turns per question (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="per turn")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (and the losslessness check)")
@@ -79,10 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--save-text", action="store_true", help="store every answer's text in the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = p.add_argument_group("speculative decoding")
-    d.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="EAGLE-2 draft levels")
-    d.add_argument("--tree-top-k", type=int, default=DEFAULT_TOP_K, help="EAGLE-2 nodes expanded per level")
-    d.add_argument("--total-tokens", type=int, default=DEFAULT_TOTAL_TOKENS,
-                   help="EAGLE-2 verify width, root included")
+    d.add_argument("--depth", type=int, help=f"EAGLE-2 draft levels (default: chosen automatically; {DEFAULT_DEPTH} "
+                                              f"if another shape flag is given)")
+    d.add_argument("--tree-top-k", type=int, help=f"EAGLE-2 nodes expanded per level (default: automatic; "
+                                                  f"{DEFAULT_TOP_K})")
+    d.add_argument("--total-tokens", type=int, help=f"EAGLE-2 verify width, root included (default: automatic; "
+                                                    f"{DEFAULT_TOTAL_TOKENS})")
     d.add_argument("--draft-temperature", type=float, default=1.0)
     r = p.add_argument_group("random weights")
     r.add_argument("--random-weights", action="store_true", help="time the engine's phases at a model shape")
@@ -156,8 +161,12 @@ class Runner:
         self.tree_sizes = {}
         if "eagle1" in methods:
             self.tree_sizes["eagle1"] = StaticTreeShape.from_choices(MC_SIM_7B_63).size
+        self.policy, self.choice = None, None
+        self.auto = args.auto_shape and "eagle2" in methods
         if "eagle2" in methods:
             self.tree_sizes["eagle2"] = dynamic_tree_size(args.depth, args.tree_top_k, args.total_tokens)
+            if self.auto:
+                self._choose_shape()
         # enough cache past the answer for a whole tree plus the draft's path, so no run falls back to AR at the end
         self.headroom = max(self.tree_sizes.values(), default=1) + args.depth + 8
         self.engines = {}
@@ -169,13 +178,27 @@ class Runner:
 
             self.hf = build_hf_model(self.target)
 
+    def _choose_shape(self):
+        """EAGLE-2's automatic shape: the chooser's best few shapes, switched per round (fasteagle.autotune)."""
+        from fasteagle.autotune import auto_policy
+
+        head = self.heads["eagle2"]
+        self.policy, self.choice, self.costs = auto_policy(self.target, head, self.args.draft, self.args.compile)
+        if self.policy is not None:
+            self.tree_sizes["eagle2"] = max(s.total_tokens for s in self.policy.shapes)
+            self.args.depth = max(s.depth for s in self.policy.shapes)
+        print(f"[eagle2 shape: {describe_choice(self.choice)}]", file=sys.stderr)
+
     def _engine(self, method):
         from fasteagle.engine import SpecEngine
 
         a = self.args
-        return SpecEngine(self.target, self.heads.get(method), tree=TREES.get(method, "dynamic"), depth=a.depth,
+        head = self.heads.get(method)
+        if method == "eagle2" and self.auto and self.policy is None:
+            head = None  # the chooser found no shape faster than AR here: eagle2 runs as plain decoding
+        return SpecEngine(self.target, head, tree=TREES.get(method, "dynamic"), depth=a.depth,
                           top_k=a.tree_top_k, total_tokens=a.total_tokens, draft_temperature=a.draft_temperature,
-                          compile=a.compile)
+                          compile=a.compile, policy=self.policy if method == "eagle2" else None)
 
     def engine(self, method, prompt_len):
         if not self.fit:
@@ -260,6 +283,23 @@ class Runner:
         return rec
 
 
+def describe_choice(choice) -> str:
+    if choice.shape is None:
+        return "plain AR (no calibrated shape is predicted to beat it on this machine)"
+    return f"{choice.shape}, predicted {choice.speedup:.2f}x AR"
+
+
+def choice_json(choice, policy) -> dict | None:
+    """The automatic shape in the results: the chooser's table and the shapes the run switched between."""
+    if choice is None:
+        return None
+    row = lambda r: {"depth": r[0].depth, "top_k": r[0].top_k, "total_tokens": r[0].total_tokens, "tau": r[1],
+                     "round_cost_ar_steps": round(r[2], 3), "predicted_speedup": round(r[3], 3)}
+    return {"chosen": None if choice.shape is None else row(choice.table[0]),
+            "adaptive_set": [row(r) for r in choice.table[: len(policy.shapes)]] if policy else [],
+            "table": [row(r) for r in choice.table]}
+
+
 # --- resuming ----------------------------------------------------------------------------------------------------
 
 
@@ -277,9 +317,9 @@ def settings_of(args, runner) -> dict:
     return {"checkpoint": _identity(args.checkpoint), "draft": _identity(args.draft), "device": args.device,
             "device_name": device_info(args.device)["name"], "dtype": str(runner.dtype).replace("torch.", ""),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "seed": args.seed, "compile": args.compile, "turns": args.turns,
+            "top_p": args.top_p, "seed": args.seed, "compile": args.compile, "turns": args.turns, "stride": args.stride,
             "cache": "fit" if runner.fit else runner.max_seq_len, "depth": args.depth,
-            "tree_top_k": args.tree_top_k, "total_tokens": args.total_tokens,
+            "tree_top_k": args.tree_top_k, "total_tokens": args.total_tokens, "auto_shape": runner.auto,
             "draft_temperature": args.draft_temperature, "threads": torch.get_num_threads()}
 
 
@@ -350,7 +390,9 @@ def run_questions(args) -> int:
     if any(m in TREES for m in methods) and args.draft is None:
         raise FastEagleError("methods eagle1/eagle2 need a draft head: pass --draft (or --methods ar)")
     questions_path = args.questions or DEFAULT_QUESTIONS
-    questions = load_questions(questions_path, args.limit, args.turns)
+    if args.stride < 1:
+        raise FastEagleError("--stride must be >= 1")
+    questions = load_questions(questions_path, None, args.turns)[:: args.stride][: args.limit]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -412,6 +454,7 @@ def run_questions(args) -> int:
     res["params"].update({"methods": methods, "dtype": settings["dtype"], "attn_backend": runner.backend,
                           "cache": "fit per turn" if runner.fit else runner.max_seq_len,
                           "tree_sizes": runner.tree_sizes, "checkpoint": str(args.checkpoint),
+                          "eagle2_shape": choice_json(runner.choice, runner.policy),
                           "draft": str(args.draft) if args.draft else None})
     res["settings_key"] = key
     res["model"] = {"name": model_name, "checkpoint": str(args.checkpoint), "draft": str(args.draft) if args.draft
@@ -466,6 +509,18 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.argv = argv
+    args.auto_shape = args.depth is None and args.tree_top_k is None and args.total_tokens is None
+    for name, default in (("depth", DEFAULT_DEPTH), ("tree_top_k", DEFAULT_TOP_K), ("total_tokens", DEFAULT_TOTAL_TOKENS)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    try:
+        with sigterm_as_interrupt():  # SIGTERM: like Ctrl-C, so that temporary files are removed
+            return _main(args)
+    except KeyboardInterrupt as e:  # outside the question loop (download, conversion, random weights)
+        return interrupted(e)
+
+
+def _main(args) -> int:
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise FastEagleError("--device cuda: no CUDA device available")

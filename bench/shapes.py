@@ -33,6 +33,9 @@ SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                          intermediate_size=1536, rope_theta=100000.0, tie_embeddings=True,
                          max_position_embeddings=8192),
+    "smollm2-1.7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, head_dim=64,
+                         intermediate_size=8192, rope_theta=130000.0, tie_embeddings=True,
+                         max_position_embeddings=8192),
     # for tests and a quick look on CPU
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
                  max_position_embeddings=2048),

@@ -8,9 +8,9 @@ import argparse
 import sys
 import warnings
 
+from fasteagle.cli import run_main
 from fasteagle.convert.common import DTYPES
 from fasteagle.convert.eagle import add_eagle
-from fasteagle.errors import FastEagleError
 
 
 def _add_target(sub, name: str, help: str, src_help: str, tok_help: str, run):
@@ -61,19 +61,19 @@ def _format_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"  # for users: no file/line of the code that warned
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args):
     saved, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         out = args.run(args)
-    except FastEagleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     finally:
         warnings.formatwarning = saved
     if out is not None:
         print(f"wrote {out}")
-    return 0
+
+
+def main(argv=None) -> int:
+    """Exit status 0, 1 (`error: ...`), 130 (Ctrl-C) or 143 (SIGTERM); interrupted conversions leave nothing."""
+    return run_main(_run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

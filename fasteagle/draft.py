@@ -6,6 +6,10 @@
 `out[t]` is the head's guess of the target's feature at t+1, so it both predicts token t+2 and stands in for the
 missing target feature when the head drafts one level deeper. Layer is one LLaMA decoder layer without the input
 norm, with its own static KV cache; the embedding and the LM head are the target's own (shared, never copied).
+
+A head may carry a draft vocabulary (`draft_vocab`: V_d target ids, most frequent first; see train/vocab.py): it
+then ranks candidates over those rows of the LM head only, [m, V_d] instead of [m, V] per draft level. The tree
+still holds target ids and verification is unchanged, so the output stays lossless.
 """
 from pathlib import Path
 
@@ -14,19 +18,25 @@ import torch.nn as nn
 
 from fasteagle.checkpoint import atomic_output_dir, load_weights, read_config, write_checkpoint
 from fasteagle.errors import FastEagleError
-from fasteagle.model import ModelArgs, TransformerBlock, run_layers, setup_static_cache
+from fasteagle.model import (Linear, ModelArgs, TransformerBlock, can_pack, pack_linears, pack_weight,
+                             packed_linear, run_layers, setup_static_cache)
 
 
 class DraftHead(nn.Module):
-    def __init__(self, args: ModelArgs, fc_bias: bool = True):
+    def __init__(self, args: ModelArgs, fc_bias: bool = True, draft_vocab_size: int = 0):
         super().__init__()
         self.args = args
-        self.fc = nn.Linear(2 * args.dim, args.dim, bias=fc_bias)
+        self.fc = Linear(2 * args.dim, args.dim, bias=fc_bias)
         self.layers = nn.ModuleList([TransformerBlock(args, input_norm=False)])
+        if draft_vocab_size:  # target ids of the draft vocabulary, most frequent first (saved with the head)
+            self.register_buffer("draft_vocab", torch.zeros(draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab = None
         self.max_seq_len = 0
         self.attn_backend = "sdpa"
         self.embed_weight = None  # the target's, set by bind()
         self.lm_head_weight = None
+        self.vocab_ids, self.vocab_weight = None, None  # the draft vocabulary in use and its LM-head rows
 
     def bind(self, target):
         """Share the target's embedding and LM head (plain attributes: not parameters of the head)."""
@@ -38,14 +48,43 @@ class DraftHead(nn.Module):
         # object.__setattr__: keep them plain attributes, so they are neither saved with nor moved by the head
         object.__setattr__(self, "embed_weight", target.embed.weight)
         object.__setattr__(self, "lm_head_weight", target.lm_head_weight())
+        self.use_draft_vocab(None if self.draft_vocab is None else self.draft_vocab.shape[0])
         return self
+
+    def use_draft_vocab(self, size: int | None):
+        """Rank draft candidates over the first `size` ids of the stored draft vocabulary (its `size` most frequent
+        tokens), or over the whole target vocabulary (None). Copies those LM-head rows once ([size, dim])."""
+        if size is None:
+            self.vocab_ids, self.vocab_weight = None, None
+            if self.head_packed is not None:
+                self.head_packed = pack_weight(self.lm_head_weight)
+            return self
+        if self.draft_vocab is None or not 1 <= size <= self.draft_vocab.shape[0]:
+            have = 0 if self.draft_vocab is None else self.draft_vocab.shape[0]
+            raise FastEagleError(f"draft vocabulary size {size}: this head stores {have} draft-vocabulary ids")
+        ids = self.draft_vocab[:size].to(self.lm_head_weight.device)
+        self.vocab_ids, self.vocab_weight = ids, self.lm_head_weight[ids].contiguous()
+        if self.head_packed is not None:
+            self.head_packed = pack_weight(self.vocab_weight)
+        return self
+
+    head_packed = None  # the ranking weight (draft vocabulary rows or the LM head), packed (model.Linear)
+
+    def pack(self, rows: int = 8) -> bool:
+        """CPU: pack the layer's, fc's and the ranking LM-head rows' weights for multi-row inputs (model.Linear)."""
+        w = self.lm_head_weight if self.vocab_weight is None else self.vocab_weight
+        if not can_pack(w) or not pack_linears(self, rows):
+            return False
+        if self.head_packed is None:
+            self.head_packed = pack_weight(w, rows)
+        return True
 
     def setup_cache(self, max_seq_len: int, attn_backend: str = "sdpa"):
         setup_static_cache(self, max_seq_len, 1, attn_backend)
 
-    def forward(self, tokens, features, positions, cache_len, attn_mask):
-        """tokens, positions: [B, T]; features: [B, T, dim]; cache_len: [B]; attn_mask: [T, W] (see model.py).
-        Returns out [B, T, dim]."""
+    def forward(self, tokens, features, positions, cache_len, attn_mask, kv_len: int | None = None):
+        """tokens, positions: [B, T]; features: [B, T, dim]; cache_len: [B]; attn_mask: [T, W]; kv_len: the key
+        window (see model.py). Returns out [B, T, dim]."""
         features = features.to(self.fc.weight.dtype)
         if self.attn_backend == "triton":  # one kernel: gather + concat + fc, the concat never materialised
             from fasteagle.kernels.draft_ops import fused_embed_fc
@@ -53,19 +92,24 @@ class DraftHead(nn.Module):
             x = fused_embed_fc(tokens, features, self.embed_weight, self.fc.weight, self.fc.bias)
         else:
             x = self.fc(torch.cat([nn.functional.embedding(tokens, self.embed_weight), features], -1))
-        return run_layers(self, x, positions, cache_len, attn_mask)
+        return run_layers(self, x, positions, cache_len, attn_mask, kv_len)
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(out, self.lm_head_weight).float()
 
     def topk(self, out: torch.Tensor, k: int, temperature: float = 1.0):
         """Top-k draft log-probabilities (of softmax(logits / temperature)) and token ids of out [m, dim], sorted
-        descending. On the Triton backend the LM-head GEMV is fused with the top-k: no [m, vocab] logits."""
+        descending. On the Triton backend the LM-head GEMV is fused with the top-k: no [m, vocab] logits.
+        With a draft vocabulary the distribution is the softmax over its rows only, and the ids are target ids."""
+        w = self.lm_head_weight if self.vocab_weight is None else self.vocab_weight
         if self.attn_backend == "triton":
             from fasteagle.kernels.draft_ops import lm_head_topk
 
-            return lm_head_topk(out, self.lm_head_weight, k, temperature)
-        return torch.topk(torch.log_softmax(self.logits(out) / temperature, dim=-1), k, dim=-1)
+            logp, ids = lm_head_topk(out, w, k, temperature)
+        else:
+            logits = packed_linear(out, w, self.head_packed).float()
+            logp, ids = torch.topk(torch.log_softmax(logits / temperature, dim=-1), k, dim=-1)
+        return (logp, ids) if self.vocab_ids is None else (logp, self.vocab_ids[ids])
 
 
 def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32) -> DraftHead:
@@ -75,7 +119,7 @@ def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32) -> DraftHead
         args = ModelArgs.from_dict(cfg["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise FastEagleError(f"{Path(ckpt_dir) / 'config.json'}: bad draft config: {e}") from None
-    head = DraftHead(args, fc_bias=cfg.get("fc_bias", True))
+    head = DraftHead(args, fc_bias=cfg.get("fc_bias", True), draft_vocab_size=cfg.get("draft_vocab_size", 0))
     head.bind(target)  # check the fit before reading weights
     head = load_weights(head, ckpt_dir, device=device, dtype=dtype)
     return head.bind(target).eval()
@@ -84,6 +128,7 @@ def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32) -> DraftHead
 def save_draft(head: DraftHead, out_dir, extra: dict | None = None):
     """Write a draft checkpoint that `load_draft` (and `generate --draft`) reads. `extra` goes into config.json
     (e.g. {"source": ..., "training": ...})."""
-    config = {"kind": "draft", "model": head.args.to_dict(), "fc_bias": head.fc.bias is not None, **(extra or {})}
+    config = {"kind": "draft", "model": head.args.to_dict(), "fc_bias": head.fc.bias is not None,
+              "draft_vocab_size": 0 if head.draft_vocab is None else head.draft_vocab.shape[0], **(extra or {})}
     with atomic_output_dir(out_dir) as tmp:
         write_checkpoint(tmp, config, head.state_dict())

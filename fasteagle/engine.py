@@ -17,15 +17,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fasteagle.autotune import Shape
 from fasteagle.errors import FastEagleError
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
-from fasteagle.model import causal_mask
-from fasteagle.sampling import SamplingParams, choose_tokens, exponential_race
+from fasteagle.model import causal_mask, kv_caches
+from fasteagle.sampling import DeviceParams, SamplingParams, choose_tokens, exponential_race
 from fasteagle.tree import MC_SIM_7B_63, StaticTreeShape, build_dynamic_tree, build_static_tree, dynamic_tree_size
 from fasteagle.verify import accept
 
 # EAGLE-2 defaults of the reference's evaluation scripts (total_token=60, depth=5 -> 6 levels here, top_k=10)
 DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS = 6, 10, 60
+MIN_PROMPT_BUCKET, MIN_WINDOW = 16, 128
+
+
+def buckets(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... below hi, then hi: the fixed lengths the compiled graphs are specialised to."""
+    out = []
+    while lo < hi:
+        out.append(lo)
+        lo *= 2
+    return out + [hi]
 
 
 @dataclass
@@ -39,6 +50,18 @@ class GenerationResult:
     def mean_accepted(self) -> float | None:
         """tau: mean tokens emitted per target forward over the speculative rounds (None without any)."""
         return sum(self.accept_lens) / len(self.accept_lens) if self.accept_lens else None
+
+
+def check_dynamic_shape(s: "Shape", vocab_size: int):
+    if s.depth < 1 or s.top_k < 1 or s.total_tokens < 1:
+        raise FastEagleError(f"bad tree shape ({s}): --depth, --tree-top-k and --total-tokens must be >= 1")
+    if s.top_k > vocab_size:
+        raise FastEagleError(f"--tree-top-k {s.top_k} exceeds the draft's vocabulary ({vocab_size} tokens)")
+
+
+def draft_vocab_size(draft) -> int:
+    """How many tokens the draft proposes among: its draft vocabulary in use, else the target's vocabulary."""
+    return draft.args.vocab_size if draft.vocab_ids is None else draft.vocab_ids.shape[0]
 
 
 @torch.no_grad()
@@ -69,32 +92,43 @@ def auto_total_tokens(target, candidates=(40, 48, 50, 56, 60), gains=(1.0, 1.05,
 class SpecEngine:
     def __init__(self, target, draft=None, *, tree: str = "dynamic", depth: int = DEFAULT_DEPTH,
                  top_k: int = DEFAULT_TOP_K, total_tokens: int = DEFAULT_TOTAL_TOKENS, static_choices=None,
-                 draft_temperature: float = 1.0, compile: bool = False):
+                 draft_temperature: float = 1.0, compile: bool = False, policy=None):
+        """policy: an autotune.Adaptive choosing the tree shape (or AR) per round among its few fixed shapes;
+        without it every round uses the one shape given by tree / depth / top_k / total_tokens."""
         self.target, self.draft = target, draft
         self.device = target.embed.weight.device
         self.max_seq_len = target.max_seq_len
         self.tree_kind = tree
         self.draft_temperature = draft_temperature
+        self.policy = policy if draft is not None else None
+        self.shape = None  # the dynamic tree's shape when fixed (None: AR, the static tree, or chosen by the policy)
         if draft is not None:
             if tree not in ("dynamic", "static"):
                 raise FastEagleError(f"unknown tree kind {tree!r} (dynamic or static)")
+            if not draft_temperature > 0:
+                raise FastEagleError("draft temperature must be > 0")
             if tree == "dynamic":
-                if depth < 1 or top_k < 1 or total_tokens < 1:
-                    raise FastEagleError("depth, top-k and total-tokens must be >= 1")
-                if top_k > target.args.vocab_size:
-                    raise FastEagleError(f"top-k {top_k} exceeds the vocabulary ({target.args.vocab_size})")
-                self.depth, self.top_k = depth, top_k
-                self.tree_size = dynamic_tree_size(depth, top_k, total_tokens)
-                draft_block = max(depth - 1, 1) * top_k
+                shapes = self.policy.shapes if self.policy else [Shape(depth, top_k, total_tokens)]
+                for s in shapes:
+                    check_dynamic_shape(s, draft_vocab_size(draft))
+                self.shape = shapes[0]
+                self.tree_size = max(self._size(s) for s in shapes)
+                self.depth = max(s.depth for s in shapes)
+                draft_block = max(max(s.depth - 1, 1) * s.top_k for s in shapes)
             else:
                 try:
                     self.static_shape = StaticTreeShape.from_choices(static_choices or MC_SIM_7B_63)
                 except ValueError as e:
                     raise FastEagleError(str(e)) from None
+                if self.static_shape.max_rank >= draft_vocab_size(draft):
+                    raise FastEagleError(f"the static tree takes rank {self.static_shape.max_rank} of the draft's "
+                                         f"top-k, beyond its vocabulary ({draft_vocab_size(draft)} tokens)")
+                self.shape, self.policy = None, None
                 self.depth, self.tree_size = self.static_shape.depth, self.static_shape.size
                 draft_block = self.tree_size
-            if not draft_temperature > 0:
-                raise FastEagleError("draft temperature must be > 0")
+            if self.device.type == "cpu" and not compile:  # multi-row forwards through packed weights (model.Linear)
+                target.pack()
+                draft.pack()
             # the draft writes up to max(tree block, D+1) slots past L; give it that much headroom
             draft.setup_cache(self.max_seq_len + max(draft_block, self.depth + 1), attn_backend=target.attn_backend)
         # Round-to-round state, updated in place by the phases so that captured graphs always read and write the
@@ -104,7 +138,7 @@ class SpecEngine:
         self.cache_len = torch.zeros(1, dtype=torch.long, device=dev)
         self.root = torch.zeros(1, dtype=torch.long, device=dev)
         self.root_out = torch.zeros(target.args.dim, dtype=target.embed.weight.dtype, device=dev)
-        # the Triton backend (CUDA) commits in one kernel launch; the reference is the same gather/scatter in PyTorch
+        # the Triton backend (CUDA) commits a layer in one kernel launch; the reference: the same gather/copy in PyTorch
         self._kv_commit = kv_commit if target.attn_backend == "triton" else kv_commit_reference
         self.compiled = compile
         self._round_fn, self._decode_fn, self._prefill_fn = self._round, self._decode, self._prefill
@@ -118,21 +152,39 @@ class SpecEngine:
         if cuda:  # state mutated in place must keep its address for CUDA-graph replay
             for t in (self.cache_len, self.root, self.root_out):
                 torch._dynamo.mark_static_address(t)
+        if self.draft is not None and self.tree_kind == "static":
+            self.static_shape.on(self.device)  # its index tensors, made before tracing: the round only reads them
+        # Static shapes (dynamic=False), as CUDA graphs need: one graph per variant. Variants of one engine:
+        #   prefill: prompt bucket (16, 32, ..., max_seq_len)                  x sampling kind
+        #   decode:  key window (128, 256, ..., the largest cache; triton: one) x sampling kind
+        #   round:   key window x tree shape                                   x sampling kind
+        # A sampling kind is DeviceParams' (greedy, top_k_max, top_p_on), DeviceParams.kinds(V) of them (37 for
+        # V = 49,152); temperature, top-k and top-p values are data. So nothing unbounded (a prompt length, a
+        # temperature) makes new graphs. Dynamo caches per code object and every engine adds its variants to the
+        # same three, so each engine raises the per-code-object limit (8 by default; fullgraph=True fails past it)
+        # by its largest count and the process-wide limit by its total.
+        kinds = DeviceParams.kinds(self.target.args.vocab_size)
+        n_prefill = len(buckets(MIN_PROMPT_BUCKET, self.max_seq_len))
+        n_window = 1 if self.target.attn_backend == "triton" else len(buckets(MIN_WINDOW, self._cache_cap()))
+        n_round = n_window * (len(self.policy.shapes) if self.policy else 1) if self.draft is not None else 0
+        cfg = torch._dynamo.config
+        cfg.recompile_limit += kinds * max(n_prefill, n_window, n_round)
+        cfg.accumulated_recompile_limit += kinds * (n_prefill + n_window + n_round)
         # reduce-overhead = inductor + CUDA graphs: one graph replay per round on GPU. fullgraph so that a graph
         # break (which would split the round and add host syncs) fails loudly instead of silently slowing down.
         mode = "reduce-overhead" if cuda else "default"
-        self._round_fn = torch.compile(self._round, mode=mode, fullgraph=True)
-        self._decode_fn = torch.compile(self._decode, mode=mode, fullgraph=True)
+        self._round_fn = torch.compile(self._round, mode=mode, fullgraph=True, dynamic=False)
+        self._decode_fn = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
         # prefill runs once per prompt at a bucketed length: one graph per bucket, no CUDA graph needed
         self._prefill_fn = torch.compile(self._prefill, fullgraph=True, dynamic=False)
 
-    def _prefill(self, tokens, length, params: SamplingParams, race):
+    def _prefill(self, tokens, length, params: DeviceParams, race):
         """tokens [1, Tb] (the prompt padded to a bucket), length [1] = the real prompt length T.
         Sets the state (L = T, root = the first new token, root_out) and returns the first token [1]."""
-        Tb = tokens.shape[1]
+        Tb = tokens.shape[1]  # also the key window: slots [0, Tb)
         pos = torch.arange(Tb, device=tokens.device)[None]
         zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
-        hidden = self.target(tokens, pos, zero, causal_mask(Tb, tokens.device))  # [1, Tb, dim]
+        hidden = self.target(tokens, pos, zero, causal_mask(Tb, tokens.device), Tb)  # [1, Tb, dim]
         last = hidden[0].index_select(0, length - 1)  # [1, dim]
         first = choose_tokens(self.target.logits(last), params, race)  # [1]
         self.cache_len.copy_(length)
@@ -140,36 +192,51 @@ class SpecEngine:
         if self.draft is not None:
             # draft pairs (feature t, token t+1): tokens shifted left, the new token placed after the prompt
             nxt = torch.cat([tokens[0, 1:], tokens.new_zeros(1)]).scatter(0, length - 1, first)
-            out = self.draft(nxt[None], hidden, pos, zero, causal_mask(Tb, tokens.device))[0]
+            out = self.draft(nxt[None], hidden, pos, zero, causal_mask(Tb, tokens.device), Tb)[0]
             self.root_out.copy_(out.index_select(0, length - 1)[0])
         return first
 
-    def _decode(self, params: SamplingParams, race):
-        """Plain AR step: the root at position L -> the next token [1]."""
+    def _decode(self, params: DeviceParams, race, window: int | None):
+        """Plain AR step: the root at position L -> the next token [1]. window: the key window (_window).
+        With a draft head (AR steps between rounds, chosen by the policy) the head extends by the pair (feature L,
+        next token), as after a round, so that the next round drafts from an up-to-date state."""
         L = self.cache_len
-        hidden = self.target(self.root[None], L[None], L, causal_mask(1, L.device))
+        hidden = self.target(self.root[None], L[None], L, causal_mask(1, L.device), window)
         nxt = choose_tokens(self.target.logits(hidden[0]), params, race)
+        if self.draft is not None:
+            out = self.draft(nxt[None], hidden, L[None], L, causal_mask(1, L.device), window)[0]
+            self.root_out.copy_(out[0])
         L.add_(1)
         self.root.copy_(nxt)
         return nxt
 
-    def _round(self, params: SamplingParams, race):
-        """One speculative round. Returns packed [D+2] = (number of emitted tokens, the tokens, padding)."""
+    def _size(self, shape) -> int:
+        """Verify width of a round with `shape` (None: the static tree)."""
+        if shape is None:
+            return self.static_shape.size
+        return dynamic_tree_size(shape.depth, shape.top_k, shape.total_tokens)
+
+    def _round(self, params: DeviceParams, race, shape, window: int | None):
+        """One speculative round with the dynamic tree `shape` (None: the static tree); window: the key window of
+        the target and the draft (_window). Returns packed [D+2] = (number of emitted tokens, the tokens, padding)."""
         L, root = self.cache_len, self.root
-        if self.tree_kind == "dynamic":
-            tree = build_dynamic_tree(self.draft, root, self.root_out, L, self.depth, self.top_k,
-                                      self.tree_size, self.draft_temperature)
+        if shape is not None:
+            tree = build_dynamic_tree(self.draft, root, self.root_out, L, shape.depth, shape.top_k,
+                                      shape.total_tokens, self.draft_temperature, window)
         else:
-            tree = build_static_tree(self.draft, self.static_shape, root, self.root_out, L, self.draft_temperature)
-        hidden = self.target(tree.tokens[None], (L + tree.depth)[None], L, tree.mask)[0]  # [N, dim]
+            tree = build_static_tree(self.draft, self.static_shape, root, self.root_out, L, self.draft_temperature,
+                                     window)
+        hidden = self.target(tree.tokens[None], (L + tree.depth)[None], L, tree.mask, window)[0]  # [N, dim]
         choice = choose_tokens(self.target.logits(hidden), params, race)  # [N]
         accept_len, path, emitted = accept(tree, choice)
         P = path.shape[0]
         # draft extend on the accepted path: (target feature at path[d], the token that followed it)
         pos = L + torch.arange(P, device=L.device)
-        out = self.draft(emitted[None], hidden[path][None], pos[None], L, causal_mask(P, L.device))[0]
+        out = self.draft(emitted[None], hidden[path][None], pos[None], L, causal_mask(P, L.device), window)[0]
         n = accept_len + 1
-        self._kv_commit(self.target.k_cache, self.target.v_cache, L, path, n)  # L += n
+        for cache in kv_caches(self.target):  # each layer owns its buffers (model.py)
+            self._kv_commit(cache.k, cache.v, L, path)
+        L.add_(n)
         self.root.copy_(emitted.index_select(0, accept_len))
         self.root_out.copy_(out.index_select(0, accept_len)[0])
         return torch.cat([n, emitted])
@@ -190,12 +257,25 @@ class SpecEngine:
             )
 
     def _bucket(self, T: int) -> int:
+        """The prompt length prefill runs at (compiled: a bucket, so that prompts share graphs)."""
         if not self.compiled:
             return T
-        b = 16
-        while b < T:
-            b *= 2
-        return min(b, self.max_seq_len)
+        return next(b for b in buckets(MIN_PROMPT_BUCKET, self.max_seq_len) if b >= T)
+
+    def _cache_cap(self) -> int:
+        return self.max_seq_len if self.draft is None else self.draft.max_seq_len
+
+    def _window(self, L: int, speculative: bool) -> int | None:
+        """The key window of a decode step or a speculative round at committed length L: the smallest of
+        buckets(MIN_WINDOW, largest cache) covering every slot the step writes (the draft's cache, with its
+        headroom, is the largest; each model clamps the window to its own), so attention reads O(L) keys, not
+        max_seq_len. Also in eager mode: eager and compiled runs compute the same thing. None on the triton
+        backend, which reads only the live slots by itself (and then needs no window variants)."""
+        if self.target.attn_backend == "triton":
+            return None
+        # a round writes up to L + tree size in the target, up to L + its headroom (tree block, path) in the draft
+        reach = max(self.tree_size, self.draft.max_seq_len - self.max_seq_len) if speculative else 1
+        return next(b for b in buckets(MIN_WINDOW, self._cache_cap()) if b >= min(L + reach, self._cache_cap()))
 
     def _race(self, rows: int, params: SamplingParams, generator):
         # exponential noise for sampling, drawn outside the compiled graph (generators don't trace)
@@ -218,6 +298,7 @@ class SpecEngine:
             generator.manual_seed(seed if seed is not None else torch.seed())
         eos = set(eos_ids)
         T, dev = len(prompt_ids), self.device
+        params = DeviceParams.of(params, self.target.args.vocab_size, dev)  # the numbers as data (see _compile)
         Tb = self._bucket(T)
         tokens = torch.zeros(1, Tb, dtype=torch.long, device=dev)
         tokens[0, :T] = torch.tensor(prompt_ids, dtype=torch.long)
@@ -240,23 +321,56 @@ class SpecEngine:
             return out
 
         yield emit(first.tolist())
-        speculative = self.draft is not None
         while not result.stop_reason:
-            if speculative and L + self.tree_size > self.max_seq_len:
+            shape = self.policy.next() if self.policy else self.shape
+            speculative = self.draft is not None and (shape is not None or self.policy is None)
+            if speculative and L + self._size(shape) > self.max_seq_len:
                 speculative = False  # too close to the end of the cache for a whole tree: finish token by token
             if speculative:
-                packed = self._round_fn(params, self._race(self.tree_size, params, generator))
+                packed = self._round_fn(params, self._race(self._size(shape), params, generator), shape,
+                                        self._window(L, True))
                 vals = packed.tolist()  # the one host sync of the round
                 n = vals[0]
                 result.accept_lens.append(n)
+                if self.policy:
+                    self.policy.update(shape, n)
                 L += n
                 yield emit(vals[1 : 1 + n])
             elif L < self.max_seq_len:
-                nxt = self._decode_fn(params, self._race(1, params, generator))
+                nxt = self._decode_fn(params, self._race(1, params, generator), self._window(L, False))
                 L += 1
                 yield emit(nxt.tolist())
             else:
                 result.stop_reason = "cache_full"
+
+    @torch.no_grad()
+    def warmup(self, prompt_ids, max_new_tokens: int, params: SamplingParams = SamplingParams()):
+        """Run, untimed, every graph a generation of this prompt with these sampling settings can use: the prompt's
+        prefill bucket, then for each key window it can reach the decode step and every tree shape's round (each
+        from the state prefill left: the next generation's prefill resets it). On CUDA each runs three times, so
+        that CUDA graphs are recorded here and only replayed later."""
+        self._check_prompt(prompt_ids)
+        T, dev, reps = len(prompt_ids), self.device, 3 if self.device.type == "cuda" else 1
+        generator = None if params.greedy else torch.Generator(device=dev).manual_seed(0)
+        dparams = DeviceParams.of(params, self.target.args.vocab_size, dev)
+        tokens = torch.zeros(1, self._bucket(T), dtype=torch.long, device=dev)
+        tokens[0, :T] = torch.tensor(prompt_ids, dtype=torch.long)
+        for _ in range(reps):
+            self._prefill_fn(tokens, torch.tensor([T], device=dev), dparams, self._race(1, params, generator))
+        reach = range(T, min(T + max_new_tokens, self.max_seq_len))
+        shapes = ([] if self.draft is None else self.policy.shapes if self.policy else [self.shape])
+        for w in sorted({self._window(L, False) for L in reach}, key=str):
+            for _ in range(reps):
+                self.cache_len.fill_(T)
+                self._decode_fn(dparams, self._race(1, params, generator), w)
+        for shape in shapes:
+            fits = [L for L in reach if L + self._size(shape) <= self.max_seq_len]
+            for w in sorted({self._window(L, True) for L in fits}, key=str):
+                for _ in range(reps):
+                    self.cache_len.fill_(T)
+                    self._round_fn(dparams, self._race(self._size(shape), params, generator), shape, w).tolist()
+        if self.policy:  # warm-up rounds say nothing about acceptance
+            self.policy.reset()
 
     def generate(self, prompt_ids, max_new_tokens: int, params: SamplingParams = SamplingParams(),
                  seed: int | None = None, eos_ids=()) -> GenerationResult:

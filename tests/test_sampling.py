@@ -41,7 +41,8 @@ from conftest import fe_greedy, fe_logits
 from fasteagle.engine import SpecEngine
 from fasteagle.errors import FastEagleError
 from fasteagle.model import Transformer
-from fasteagle.sampling import SamplingParams, choose_tokens, exponential_race, target_probs, warp_logits
+from fasteagle.sampling import (DeviceParams, SamplingParams, choose_tokens, exponential_race, target_probs,
+                                 warp_logits)
 from tiny import random_head, tiny_args
 
 V = 8
@@ -433,3 +434,22 @@ def test_warp_logits_matches_transformers(temperature, top_k, top_p):
     # any leading shape
     torch.testing.assert_close(warp_logits(logits.view(2, 8, 48), SamplingParams(temperature, top_k, top_p)),
                                ours.view(2, 8, 48))
+
+
+def test_device_params_warp_exactly_like_sampling_params():
+    """The engine's form (numbers as a device tensor, top-k run at a power-of-two k): bit-identical warped logits,
+    ties at the top-k boundary included, and the same variant key for settings of one kind."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 48, generator=gen).mul(2).round()  # many ties
+    for temperature in (0.3, 0.7, 1.0, 1.7):
+        for top_k in (0, 1, 2, 5, 8, 31, 47, 48, 100):
+            for top_p in (1.0, 0.95, 0.6, 0.1):
+                params = SamplingParams(temperature, top_k, top_p)
+                dev = DeviceParams.of(params, 48, "cpu")
+                assert torch.equal(warp_logits(logits, dev), warp_logits(logits, params)), params
+    kind = DeviceParams.of(SamplingParams(0.7, 20, 0.9), 48, "cpu")
+    assert kind.top_k_max == 32 and kind.top_p_on and not kind.greedy
+    assert DeviceParams.of(SamplingParams(1.3, 17, 0.5), 48, "cpu").top_k_max == 32
+    assert DeviceParams.of(SamplingParams(1.3, 48, 1.0), 48, "cpu").top_k_max == 0  # k >= V: off
+    assert DeviceParams.of(SamplingParams(0.0, 5, 0.5), 48, "cpu") == DeviceParams(True, 0, False, None)
+    assert DeviceParams.kinds(48) == 1 + 2 * (1 + 7)  # greedy; top-p on/off x top-k off, 1, 2, ..., 64

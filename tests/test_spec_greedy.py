@@ -8,6 +8,8 @@ from collections import Counter
 
 import pytest
 
+import fasteagle.engine as engine_mod
+from conftest import fe_greedy
 from fasteagle.engine import SpecEngine
 from fasteagle.errors import FastEagleError
 from tiny import predictable_pair, random_head, random_target
@@ -131,6 +133,22 @@ def test_cache_end(tree):
     assert out.tokens == ref.tokens
     assert out.stop_reason == "cache_full"
     assert out.accept_lens  # it did speculate before finishing token by token
+
+
+@pytest.mark.parametrize("tree", ["dynamic", "static"])
+def test_key_windows_change_mid_generation(monkeypatch, tree):
+    """Decode steps and rounds attend over a bucketed key window [0, W) that grows with the context, not the whole
+    cache: with small windows (16, 32, 64, ...) generation crosses several of them, and AR and speculative output
+    still equal greedy decoding over the whole cache (conftest.fe_greedy: no window)."""
+    monkeypatch.setattr(engine_mod, "MIN_WINDOW", 16)
+    target, head = predictable_pair(2.0, vocab=64, max_seq_len=100)
+    ar, spec = SpecEngine(target), SpecEngine(target, head, tree=tree, depth=4, top_k=3, total_tokens=12)
+    assert [ar._window(L, False) for L in (0, 15, 16, 40, 63, 64, 99)] == [16, 16, 32, 64, 64, 100, 100]
+    prompt = [3, 1, 4, 1, 5]
+    ref = fe_greedy(target, prompt, 90)
+    assert ar.generate(prompt, 90).tokens == ref
+    out = spec.generate(prompt, 90)
+    assert out.tokens == ref and max(out.accept_lens) > 1
 
 
 def test_bad_inputs():

@@ -22,7 +22,7 @@ class FakeHead:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, tokens, features, positions, cache_len, attn_mask):
+    def __call__(self, tokens, features, positions, cache_len, attn_mask, kv_len=None):
         self.calls.append((tokens.clone(), positions.clone(), attn_mask.clone()))
         return torch.nn.functional.one_hot(tokens, V).float()
 
@@ -110,6 +110,21 @@ def test_static_tree_takes_ranks():
     assert len(head.calls) == 1  # only level 1 is run through the head (level 2 is the last)
     tok, pos, mask = head.calls[0]
     assert tok.tolist() == [[1, 2]] and pos.tolist() == [[3, 3]]
+
+
+def test_static_tree_copies_nothing_from_the_host_per_round(monkeypatch):
+    """The shape's index tensors are made once per device; later rounds build no tensor from a Python list (on a
+    GPU each would be a host-to-device copy)."""
+    shape = StaticTreeShape.from_choices([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    root, out, L = torch.tensor([4]), onehot(0), torch.tensor([3])
+    first = build_static_tree(FakeHead(), shape, root, out, L)
+
+    def no_tensor(*args, **kwargs):
+        raise AssertionError("torch.tensor during a round")
+
+    monkeypatch.setattr(torch, "tensor", no_tensor)
+    again = build_static_tree(FakeHead(), shape, root, out, L)
+    assert torch.equal(again.tokens, first.tokens) and torch.equal(again.mask, first.mask)
 
 
 def test_accept_hand_worked():

@@ -47,3 +47,11 @@ def predictable_pair(alpha: float, seed=0, max_seq_len=256, vocab=32, dim=32):
         head.layers[0].attn.wo.weight.zero_()
         head.layers[0].mlp.w2.weight.zero_()
     return target, head
+
+
+def with_draft_vocab(head, target, ids) -> DraftHead:
+    """A copy of `head` that drafts only among the target ids `ids` (its draft vocabulary, most frequent first)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    copy = DraftHead(head.args, fc_bias=head.fc.bias is not None, draft_vocab_size=len(ids)).eval()
+    copy.load_state_dict({**head.state_dict(), "draft_vocab": ids})
+    return copy.bind(target)

@@ -3,7 +3,11 @@
   gen-data  --checkpoint DIR --prompts FILE... --out DATA_DIR [--max-new-tokens 256 --batch-size 32 --limit K]
   fit       --checkpoint DIR --data DATA_DIR --out HEAD_DIR [--steps 2000 --lr 5e-4 --resume]
   eval      --checkpoint DIR --draft HEAD_DIR --questions question.jsonl [--max-new-tokens 256]
-  all       the three in a row (--data and --out as above)
+            [--depth 6 --tree-top-k 10 --total-tokens 60]
+  vocab     --checkpoint DIR --draft HEAD_DIR --out NEW_HEAD_DIR (--data DATA_DIR... | --text FILE...) [--size 16384]
+  calibrate --checkpoint DIR --draft HEAD_DIR --prompts FILE... [--limit 6 --max-new-tokens 96]
+  all       the three in a row: --checkpoint DIR --prompts FILE... --data DATA_DIR --out HEAD_DIR
+            --questions question.jsonl (eval's --max-new-tokens / --limit are --eval-max-new-tokens / --eval-limit)
 """
 import argparse
 import sys
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fasteagle.cli import run_main
 from fasteagle.errors import FastEagleError
 
 
@@ -81,8 +86,47 @@ def cmd_eval(args):
             raise FastEagleError(f"--part {args.part!r}: expected I/N, e.g. 0/2") from None
         part = (i, n)
     evaluate_mt_bench(target, head, tok, args.questions, out, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                      depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens, part=part,
+                      depth=args.depth, top_k=args.tree_top_k, total_tokens=args.total_tokens, part=part,
                       ar_cache=args.ar_cache)
+
+
+def cmd_vocab(args):
+    from fasteagle.tokenizer import load_tokenizer
+    from fasteagle.train.vocab import counts_from_data, counts_from_text, coverage, draft_vocab, write_head_with_vocab
+
+    if bool(args.data) == bool(args.text):
+        raise FastEagleError("vocab: give either --data (gen-data directories) or --text (conversation files)")
+    target, cfg = _load_target(args)
+    V = target.args.vocab_size
+    counts = counts_from_data(args.data, V) if args.data else counts_from_text(args.text, load_tokenizer(args.checkpoint), V)
+    vocab = draft_vocab(counts, args.size, always=cfg.get("eos_token_ids") or ())
+    cov = coverage(counts, vocab)
+    write_head_with_vocab(args.draft, args.out, vocab, {
+        "size": args.size, "source": [Path(x).name for x in (args.data or args.text)],
+        "counted": "gen-data answers" if args.data else "every conversation turn", "tokens": int(counts.sum()),
+        "coverage": round(cov, 4)})
+    print(f"{args.out}: draft vocabulary of {args.size} tokens covering {cov:.1%} of {int(counts.sum())} counted tokens")
+
+
+def cmd_calibrate(args):
+    from fasteagle.draft import load_draft
+    from fasteagle.tokenizer import load_tokenizer
+    from fasteagle.train.calibrate import calibrate, write_calibration
+    from fasteagle.train.data import load_prompts
+
+    tok = load_tokenizer(args.checkpoint)
+    texts = load_prompts(args.prompts)[args.skip :]
+    prompts = [ids for ids in (tok.encode_chat([{"role": "user", "content": p}]) for p in texts)
+               if len(ids) <= args.max_prompt_tokens][: args.limit]
+    if not prompts:
+        raise FastEagleError("calibrate: no prompts left (check --prompts, --skip and --max-prompt-tokens)")
+    target, cfg = _load_target(args, max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 128)
+    head = load_draft(args.draft, target, device=target.embed.weight.device, dtype=target.embed.weight.dtype)
+    rows = calibrate(target, head, prompts, args.max_new_tokens, tok.eos_ids)
+    write_calibration(args.draft, rows, {"prompts": [Path(x).name for x in args.prompts], "skip": args.skip,
+                                         "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens})
+    for r in rows:
+        print(f"depth {r['depth']} tree-top-k {r['top_k']} total-tokens {r['total_tokens']}: tau {r['tau']:.2f}")
 
 
 def main(argv=None) -> int:
@@ -146,9 +190,11 @@ def main(argv=None) -> int:
                         default=256, help="new tokens per question (default %(default)s)")
         sp.add_argument(f"--{prefix}limit", dest=f"{prefix.replace('-', '_')}limit", type=int, default=None,
                         help="only the first K questions")
-        sp.add_argument("--depth", type=int, default=6)
-        sp.add_argument("--top-k", type=int, default=10)
-        sp.add_argument("--total-tokens", type=int, default=60)
+        sp.add_argument("--depth", type=int, default=6, help="EAGLE-2 draft levels (default %(default)s)")
+        sp.add_argument("--tree-top-k", type=int, default=10,
+                        help="EAGLE-2 nodes expanded per level (default %(default)s)")
+        sp.add_argument("--total-tokens", type=int, default=60,
+                        help="EAGLE-2 verify width, root included (default %(default)s)")
         sp.add_argument("--result", default=None, help="result JSON (default: DRAFT/eval_mt_bench.json)")
         sp.add_argument("--ar-cache", default=None, help="JSONL file of plain greedy outputs, read and extended: "
                         "evaluating several heads of one target runs the AR reference once")
@@ -174,6 +220,25 @@ def main(argv=None) -> int:
     eval_args(sp, draft=True)
     sp.set_defaults(fn=cmd_eval)
 
+    sp = sub.add_parser("vocab", help="give a head a draft vocabulary (its V_d most frequent tokens)")
+    common(sp)
+    sp.add_argument("--draft", required=True, help="the draft head directory")
+    sp.add_argument("--out", required=True, help="the new head directory (written atomically)")
+    sp.add_argument("--data", nargs="+", help="gen-data directories: count the target's own answers")
+    sp.add_argument("--text", nargs="+", help="JSON/JSONL conversation files: count every turn")
+    sp.add_argument("--size", type=int, default=16384, help="draft vocabulary size V_d (default %(default)s)")
+    sp.set_defaults(fn=cmd_vocab)
+
+    sp = sub.add_parser("calibrate", help="measure the head's greedy tau per tree shape (for the shape chooser)")
+    common(sp)
+    sp.add_argument("--draft", required=True, help="the draft head directory (calibration.json is written there)")
+    sp.add_argument("--prompts", nargs="+", required=True, help="held-out conversation files (first user turns)")
+    sp.add_argument("--skip", type=int, default=8, help="skip the first K prompts (default %(default)s)")
+    sp.add_argument("--limit", type=int, default=6, help="prompts to use (default %(default)s)")
+    sp.add_argument("--max-new-tokens", type=int, default=96, help="per prompt (default %(default)s)")
+    sp.add_argument("--max-prompt-tokens", type=int, default=256, help="skip longer prompts (default %(default)s)")
+    sp.set_defaults(fn=cmd_calibrate)
+
     sp = sub.add_parser("all", help="gen-data, fit and eval in a row")
     common(sp)
     gen_args(sp)
@@ -186,21 +251,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        if args.fn is not None:
-            args.fn(args)
-        else:  # all
-            data_out, head_out = args.data, args.out
-            args.out = data_out
-            cmd_gen_data(args)
-            args.out = head_out
-            cmd_fit(args)
-            args.draft, args.max_new_tokens, args.limit = head_out, args.eval_max_new_tokens, args.eval_limit
-            cmd_eval(args)
-    except FastEagleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(args.fn or cmd_all, args)
+
+
+def cmd_all(args):
+    data_out, head_out = args.data, args.out
+    args.out = data_out
+    cmd_gen_data(args)
+    args.out = head_out
+    cmd_fit(args)
+    args.draft, args.max_new_tokens, args.limit = head_out, args.eval_max_new_tokens, args.eval_limit
+    cmd_eval(args)
 
 
 if __name__ == "__main__":

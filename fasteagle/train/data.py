@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fasteagle.errors import FastEagleError
-from fasteagle.model import causal_mask
+from fasteagle.model import causal_mask, kv_caches
 
 DATA_FORMAT = "fasteagle-train-data-v1"
 MANIFEST = "manifest.json"
@@ -94,10 +94,11 @@ def load_prompts(paths) -> list[str]:
 
 def _compact_cache(target, keep: torch.Tensor, max_seq_len: int):
     """Drop finished rows from the target's batched KV cache (rows `keep` stay, in order)."""
-    k, v = target.k_cache[:, keep].clone(), target.v_cache[:, keep].clone()
+    kept = [(c.k[keep], c.v[keep]) for c in kv_caches(target)]  # advanced indexing copies
     target.setup_cache(max_seq_len, batch=len(keep))
-    target.k_cache.copy_(k)
-    target.v_cache.copy_(v)
+    for c, (k, v) in zip(kv_caches(target), kept):
+        c.k.copy_(k)
+        c.v.copy_(v)
 
 
 @torch.no_grad()

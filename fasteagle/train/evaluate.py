@@ -172,9 +172,12 @@ def evaluate_mt_bench(target, head, tokenizer, questions_path, out_path, *, max_
     stem = out_path.name + ".partial"
     partial = out_path.with_name(f"{stem}-{part[0]}of{part[1]}.jsonl" if part else f"{stem}.jsonl")
     others = sorted(out_path.parent.glob(f"{stem}*.jsonl"))
-    results = evaluate_prompts(target, head, items, max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids,
-                               depth=depth, top_k=top_k, total_tokens=total_tokens, partial_path=partial,
-                               resume_from=[p for p in others if p != partial], ar_cache=ar_cache)
+    try:
+        results = evaluate_prompts(target, head, items, max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids,
+                                   depth=depth, top_k=top_k, total_tokens=total_tokens, partial_path=partial,
+                                   resume_from=[p for p in others if p != partial], ar_cache=ar_cache)
+    except KeyboardInterrupt as e:  # the CLI prints this as its one line
+        raise type(e)(f"finished questions are kept in {partial}; rerun the same command to resume") from None
     if part is not None:
         s = summarize(results)
         print(f"part {part[0]}/{part[1]}: {s['n']} questions, tau {s['tau']}, spec == AR on {s['n_equal']}")

@@ -1,0 +1,253 @@
+"""Choosing the speculation shape: measured costs x measured acceptance -> the fastest tree, or plain AR.
+
+A speculative round with an EAGLE-2 tree of shape (depth D, tree top-k k, N tokens with the root) costs
+
+    round(D, k, N) = verify(N) + draft(1) + (D - 1) * draft(k) + extend(D + 1)
+
+where verify(N) is one target forward over N tokens (with the LM head), draft(m) one head step over m queries with
+its top-k, and extend(m) the head's forward over the accepted path. It emits tau(D, k, N) tokens on average, so
+
+    speedup(D, k, N) = tau(D, k, N) * ar / round(D, k, N)          (ar = one plain decode step)
+
+The costs are timed on the actual device, dtype and head (draft vocabulary included) and cached per machine and
+model shape in the user cache, so a run pays for them once. tau comes from the head's calibration: greedy runs of
+each candidate shape on held-out prompts (`python -m fasteagle.train calibrate`), stored with the head as
+calibration.json. Without calibration the chooser falls back to a default table measured for the bundled head.
+When no shape beats plain decoding, the choice is AR.
+
+While generating, `Adaptive` keeps a few of the best shapes (each its own fixed-shape graph) and switches between
+them per round: the recent acceptance relative to the calibration scales every shape's expected tau alike, so an
+easy stretch moves to a deeper tree and a hard one to a smaller tree or to AR (with a probe round now and then).
+"""
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fasteagle.model import causal_mask
+
+CALIBRATION = "calibration.json"
+VERIFY_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+DRAFT_GRID = (1, 2, 4, 8, 16)
+# shapes calibrated by default: chains and small trees (what a CPU can afford) up to the reference's 60-token tree
+CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (3, 2, 6), (3, 3, 8), (4, 4, 12), (5, 4, 16), (6, 8, 32), (6, 10, 60))
+
+
+@dataclass(frozen=True)
+class Shape:
+    depth: int
+    top_k: int
+    total_tokens: int  # verify width N, root included
+
+    def __str__(self):
+        return f"depth {self.depth}, tree top-k {self.top_k}, {self.total_tokens} tokens"
+
+
+# --- costs -----------------------------------------------------------------------------------------------------------
+
+
+def _timeit(fns: dict, device, reps: int) -> dict:
+    """{key: seconds} for {key: fn}: the minimum over reps, the fns interleaved round-robin, so that other work on
+    a shared machine disturbs every entry alike rather than a few of them."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = {k: float("inf") for k in fns}
+    for rep in range(reps + 1):  # the first pass warms up
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if rep:
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def measure_costs(target, head, context: int = 256, reps: int = 5, compiled: bool = False) -> dict:
+    """Seconds per AR step, verify(N) over VERIFY_GRID, draft(m) and extend(m) over DRAFT_GRID, at `context` cached
+    tokens. Uses cache slots [context, context + 64) as scratch: call it before generating."""
+    dev = target.embed.weight.device
+    if head is not None and not compiled:  # as an eager SpecEngine runs them (CPU: packed weights, model.Linear)
+        target.pack()
+        head.pack()
+    size = target.max_seq_len
+    if size < context + max(VERIFY_GRID):  # a cache sized for a short generation: time with a big enough one
+        target.setup_cache(context + max(VERIFY_GRID), attn_backend=target.attn_backend)
+    if head is not None:
+        head.setup_cache(target.max_seq_len + max(DRAFT_GRID), attn_backend=target.attn_backend)
+    try:
+        return _measure(target, head, context, reps, dev)
+    finally:
+        if target.max_seq_len != size:
+            target.setup_cache(size, attn_backend=target.attn_backend)
+
+
+def _measure(target, head, context, reps, dev):
+    L = torch.full((1,), context, dtype=torch.long, device=dev)
+
+    def verify(n):
+        tok = torch.zeros(1, n, dtype=torch.long, device=dev)
+        pos = L[:, None] + torch.arange(n, device=dev)[None]
+        return lambda: target.logits(target(tok, pos, L, causal_mask(n, dev))).argmax(-1)
+
+    costs = {"verify": _timeit({n: verify(n) for n in VERIFY_GRID}, dev, reps)}
+    costs["ar"] = costs["verify"][1]
+    if head is not None:
+        feat = torch.zeros(1, 1, target.args.dim, dtype=target.embed.weight.dtype, device=dev)
+
+        def step(m, topk):
+            tok = torch.zeros(1, m, dtype=torch.long, device=dev)
+            pos = L[:, None].expand(1, m)
+            f = feat.expand(1, m, -1)
+
+            def run():
+                out = head(tok, f, pos, L, torch.eye(m, dtype=torch.bool, device=dev))
+                return head.topk(out[0], min(10, head.args.vocab_size)) if topk else out
+            return run
+
+        costs["draft"] = _timeit({m: step(m, True) for m in DRAFT_GRID}, dev, reps)
+        costs["extend"] = _timeit({m: step(m, False) for m in DRAFT_GRID}, dev, reps)
+    return costs
+
+
+def _interp(table: dict, x: int) -> float:
+    """Piecewise-linear in x over a {int: seconds} table (linear extrapolation past its ends)."""
+    xs = sorted(table)
+    ys = [table[k] for k in xs]
+    i = max(1, min(len(xs) - 1, next((j for j, v in enumerate(xs) if v >= x), len(xs) - 1)))
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def round_cost(costs: dict, s: Shape) -> float:
+    return (_interp(costs["verify"], s.total_tokens) + _interp(costs["draft"], 1)
+            + (s.depth - 1) * _interp(costs["draft"], s.top_k) + _interp(costs["extend"], s.depth + 1))
+
+
+def costs_key(target, head, compiled: bool) -> str:
+    """What the timings depend on: device, model and head shapes, dtype, threads, compile mode, torch version."""
+    dev = target.embed.weight.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{os.cpu_count()}"
+    parts = [name, torch.__version__, str(target.embed.weight.dtype), str(torch.get_num_threads()), str(compiled),
+             json.dumps(target.args.to_dict(), sort_keys=True), target.attn_backend, str(target.max_seq_len >= 64)]
+    if head is not None:
+        parts += [json.dumps(head.args.to_dict(), sort_keys=True), str(None if head.vocab_ids is None else
+                                                                       head.vocab_ids.shape[0])]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def cached_costs(target, head, compiled: bool = False, cache_dir: Path | None = None) -> dict:
+    """measure_costs, read from / written to the user cache (one small JSON per machine and model shape)."""
+    from fasteagle.download import cache_dir as user_cache
+
+    path = (cache_dir or user_cache()) / "costs" / f"{costs_key(target, head, compiled)}.json"
+    try:
+        data = json.loads(path.read_text())  # JSON keys are strings: back to ints
+        return {k: {int(n): t for n, t in v.items()} if isinstance(v, dict) else v for k, v in data.items()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    costs = measure_costs(target, head, compiled=compiled)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(costs))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the measurement next time
+    return costs
+
+
+# --- acceptance --------------------------------------------------------------------------------------------------
+
+
+def read_calibration(head_dir) -> dict[Shape, float]:
+    """{shape: greedy tau} from a head's calibration.json ({} when it has none)."""
+    try:
+        data = json.loads((Path(head_dir) / CALIBRATION).read_text())
+        return {Shape(r["depth"], r["top_k"], r["total_tokens"]): float(r["tau"]) for r in data["shapes"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+# --- choosing ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    shape: Shape | None  # None = plain AR
+    speedup: float  # predicted tokens/s relative to AR
+    table: list  # [(shape, tau, round cost in AR steps, predicted speedup)], best first
+
+
+def rank_shapes(costs: dict, taus: dict[Shape, float], max_tokens: int | None = None) -> list:
+    ar = costs["ar"]
+    rows = []
+    for s, tau in taus.items():
+        if max_tokens is not None and s.total_tokens > max_tokens:
+            continue
+        c = round_cost(costs, s) / ar
+        rows.append((s, tau, c, tau / c))
+    return sorted(rows, key=lambda r: -r[3])
+
+
+def choose_shape(costs: dict, taus: dict[Shape, float], max_tokens: int | None = None,
+                 min_speedup: float = 1.0) -> Choice:
+    """The shape with the highest predicted speedup, or AR (shape None) when none beats `min_speedup`."""
+    table = rank_shapes(costs, taus, max_tokens)
+    if not table or table[0][3] <= min_speedup:
+        return Choice(None, 1.0, table)
+    return Choice(table[0][0], table[0][3], table)
+
+
+class Adaptive:
+    """Per-round choice among a few fixed shapes (and AR) from the recent acceptance.
+
+    r = EMA of (emitted - 1) / (tau_cal(shape) - 1) over recent rounds: 1 when the text is as easy as the
+    calibration prompts. Each shape's expected tau is 1 + r * (tau_cal - 1); the round runs the shape with the
+    best expected tau / cost. In AR mode every `probe`-th step is a speculative round, so r keeps tracking."""
+
+    def __init__(self, table: list, keep: int = 3, alpha: float = 0.15, probe: int = 8):
+        self.rows = [(s, tau, c) for s, tau, c, _ in table[:keep]]
+        self.alpha, self.probe = alpha, probe
+        self.reset()
+
+    def reset(self):
+        self.r, self.ar_steps = 1.0, 0
+
+    @property
+    def shapes(self) -> list[Shape]:
+        return [s for s, _, _ in self.rows]
+
+    def expected(self, tau: float) -> float:
+        return 1 + self.r * (tau - 1)
+
+    def next(self) -> Shape | None:
+        s, tau, c = max(self.rows, key=lambda row: self.expected(row[1]) / row[2])
+        if self.expected(tau) / c > 1.0:
+            return s
+        self.ar_steps += 1
+        return self.rows[0][0] if self.ar_steps % self.probe == 0 else None
+
+    def update(self, shape: Shape, emitted: int):
+        tau = next(t for s, t, _ in self.rows if s == shape)
+        self.r += self.alpha * ((emitted - 1) / max(tau - 1, 1e-3) - self.r)
+
+
+def auto_policy(target, head, head_dir, compiled: bool = False, max_tokens: int | None = None, keep: int = 3,
+                cache_dir: Path | None = None):
+    """The shape chooser for a loaded target + head: (Adaptive or None for AR, Choice, costs). Costs come from the
+    user cache (measured on the first run); tau from the head's calibration.json, or, for a head without one,
+    the bundled SmolLM2 head's (a rough prior: calibrate your head for a real choice)."""
+    taus = read_calibration(head_dir) or read_calibration(BUNDLED_HEAD)
+    costs = cached_costs(target, head, compiled, cache_dir)
+    choice = choose_shape(costs, taus, max_tokens)
+    if choice.shape is None:
+        return None, choice, costs
+    return Adaptive(choice.table, keep), choice, costs
+
+
+BUNDLED_HEAD = Path(__file__).parent / "heads" / "SmolLM2-135M-Instruct"

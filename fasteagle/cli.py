@@ -1,0 +1,73 @@
+"""What every command-line entry point shares: one line per error, and interrupts that exit cleanly.
+
+Ctrl-C exits with status 130 and SIGTERM with 143, each with one line on stderr. SIGTERM is raised as `Terminated`
+(a KeyboardInterrupt) while a command runs, so `finally` blocks run (temporary directories are removed, a child
+pip is killed) as they do for Ctrl-C. Nothing here changes process state on import: handlers are installed by
+`run_main` / `sigterm_as_interrupt` only for the duration of a command."""
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+
+from fasteagle.errors import FastEagleError
+
+# packages the base install provides, and optional ones with the extra that installs them
+BASE_PACKAGES = {"gguf", "tokenizers", "tiktoken", "sentencepiece", "safetensors", "numpy", "tqdm", "matplotlib",
+                 "triton", "torch"}
+EXTRAS = {"transformers": "hf", "accelerate": "test", "scipy": "test", "pytest": "test"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that cleanup runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While the body runs, SIGTERM raises Terminated (in the main thread; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(e: KeyboardInterrupt) -> int:
+    """Print the one line for an interrupt; return the exit status (130 for Ctrl-C, 143 for SIGTERM)."""
+    what = "terminated" if isinstance(e, Terminated) else "interrupted"
+    print(what + (f": {e}" if str(e) else ""), file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
+
+
+def missing_package(name: str | None) -> str | None:
+    """The one line for a missing third-party package, or None if `name` is not one we know."""
+    top = (name or "").split(".")[0]
+    if top in EXTRAS:
+        return f"this needs the optional package {top!r}: pip install -e '.[{EXTRAS[top]}]'"
+    if top in BASE_PACKAGES:
+        return f"the package {top!r} is missing (fasteagle's base install includes it): pip install -e ."
+    return None
+
+
+def run_main(fn, *args) -> int:
+    """Run a command's body: FastEagleError and missing packages -> `error: ...` (1), Ctrl-C (130), SIGTERM (143)."""
+    with sigterm_as_interrupt():
+        try:
+            return fn(*args) or 0
+        except FastEagleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except ModuleNotFoundError as e:
+            line = missing_package(e.name)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:
+            return interrupted(e)
