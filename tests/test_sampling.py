@@ -15,7 +15,8 @@ Q(df/2, X^2/2) = torch.special.gammaincc (checked against known quantiles below,
 
 Configurations cover temperatures 0.7 / 0.8 / 1.0 / 1.3, top-k, top-p, both together, the dynamic (EAGLE-2,
 pruned) and a static (EAGLE-1) tree, a head built to agree with the target ("good") and a random one ("bad"), and
-draft temperatures 0.5 and 2 (the draft's temperature may change how much is accepted, never what is emitted).
+draft temperatures 0.5 and 2 (the draft's temperature may change how much is accepted, never what is emitted), and
+the good head with a draft vocabulary of 5 of the 8 tokens (target samples outside it end the accepted path).
 Negative controls run the same test on the same configurations with a deliberately wrong acceptance rule patched
 into the engine (greedy acceptance: take a child whenever it is the target's argmax; and the bonus token drawn
 from the full p instead of the residual, i.e. rejection sampling without renormalising); both must be rejected,
@@ -43,7 +44,7 @@ from fasteagle.errors import FastEagleError
 from fasteagle.model import Transformer
 from fasteagle.sampling import (DeviceParams, SamplingParams, choose_tokens, exponential_race, target_probs,
                                  warp_logits)
-from tiny import random_head, tiny_args
+from tiny import random_head, tiny_args, with_draft_vocab
 
 V = 8
 N_TOKENS = 3
@@ -61,7 +62,10 @@ CONFIGS = {
     "dynamic-bad-T0.7-topp0.9-draftT0.5": (DYNAMIC, "bad", SamplingParams(0.7, top_p=0.9), 0.5, [3, 0, 6], None),
     "static-good-T1.3-topk5-draftT2": (STATIC, "good", SamplingParams(1.3, top_k=5), 2.0, [4, 4, 7], None),
     "static-bad-T0.8-topk6-topp0.8": (STATIC, "bad", SamplingParams(0.8, top_k=6, top_p=0.8), 1.0, [2, 6, 1], None),
+    # the good head drafting among 5 of the 8 tokens only: the target's samples outside them end the accepted path
+    "dynamic-good-vocab5-T1": (DYNAMIC, "good-vocab", SamplingParams(1.0), 1.0, [1, 5, 2], None),
 }
+DRAFT_VOCAB = [2, 5, 0, 7, 3]
 NEGATIVE = {
     "argmax-acceptance": ("dynamic-good-T1", "argmax"),
     "bonus-from-full-p": ("static-good-T1.3-topk5-draftT2", "full_p_bonus"),
@@ -109,7 +113,9 @@ def weights_checksum(target, *heads) -> float:
 
 def make_engine(models, tree, head, draft_temperature):
     target, good, bad = models
-    return SpecEngine(target, good if head == "good" else bad, draft_temperature=draft_temperature, **tree)
+    if head == "good-vocab":
+        good = with_draft_vocab(good, target, DRAFT_VOCAB)
+    return SpecEngine(target, good if head.startswith("good") else bad, draft_temperature=draft_temperature, **tree)
 
 
 # --- wrong acceptance rules (negative controls) ---------------------------------------------------------------
