@@ -101,7 +101,7 @@ class Linear(nn.Linear):
     packed = None  # oneDNN-packed weight (plain attribute: not saved, not moved)
 
     def forward(self, x):
-        if self.packed is not None and x.numel() > x.shape[-1]:
+        if self.packed is not None and x.numel() > x.shape[-1] and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -129,7 +129,7 @@ def pack_linears(model: nn.Module, rows: int = 8) -> bool:
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight), through the packed copy for multi-row inputs when there is one."""
-    if packed is not None and x.numel() > x.shape[-1]:
+    if packed is not None and x.numel() > x.shape[-1] and not torch.compiler.is_compiling():  # inductor: plain
         return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return F.linear(x, weight)
 
