@@ -89,6 +89,8 @@ def parse_args(argv=None):
     d.add_argument("--total-tokens", type=int, help=f"EAGLE-2 verify width, root included (default: automatic; "
                                                     f"{DEFAULT_TOTAL_TOKENS})")
     d.add_argument("--draft-temperature", type=float, default=1.0)
+    d.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: the draft head through int8 copies of its weights")
     r = p.add_argument_group("random weights")
     r.add_argument("--random-weights", action="store_true", help="time the engine's phases at a model shape")
     r.add_argument("--shape", default="llama-2-7b", help="preset (see bench/shapes.py) or a JSON object of "
@@ -183,7 +185,8 @@ class Runner:
         from fasteagle.autotune import auto_policy
 
         head = self.heads["eagle2"]
-        self.policy, self.choice, self.costs = auto_policy(self.target, head, self.args.draft, self.args.compile)
+        self.policy, self.choice, self.costs = auto_policy(self.target, head, self.args.draft, self.args.compile,
+                                                           draft_int8=self.args.draft_int8)
         if self.policy is not None:
             self.tree_sizes["eagle2"] = max(s.total_tokens for s in self.policy.shapes)
             self.args.depth = max(s.depth for s in self.policy.shapes)
@@ -198,7 +201,8 @@ class Runner:
             head = None  # the chooser found no shape faster than AR here: eagle2 runs as plain decoding
         return SpecEngine(self.target, head, tree=TREES.get(method, "dynamic"), depth=a.depth,
                           top_k=a.tree_top_k, total_tokens=a.total_tokens, draft_temperature=a.draft_temperature,
-                          compile=a.compile, policy=self.policy if method == "eagle2" else None)
+                          compile=a.compile, policy=self.policy if method == "eagle2" else None,
+                          draft_int8=a.draft_int8)
 
     def engine(self, method, prompt_len):
         if not self.fit:

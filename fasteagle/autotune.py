@@ -28,11 +28,13 @@ from pathlib import Path
 
 import torch
 
+from fasteagle.draft import cpu_fast_paths
 from fasteagle.model import causal_mask
 
 CALIBRATION = "calibration.json"
 VERIFY_GRID = (1, 2, 4, 8, 12, 16, 32, 64)
 DRAFT_GRID = (1, 2, 4, 8, 16)
+COSTS_VERSION = "2"  # bump when the engine's forwards change what the cached timings measured
 # shapes calibrated by default: chains and small trees (what a CPU can afford) up to the reference's 60-token tree
 CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (3, 2, 6), (3, 3, 8), (4, 4, 12), (5, 4, 16), (6, 8, 32), (6, 10, 60))
 
@@ -67,13 +69,13 @@ def _timeit(fns: dict, device, reps: int) -> dict:
 
 
 @torch.no_grad()
-def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: bool = False) -> dict:
+def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: bool = False,
+                  draft_int8: bool = True) -> dict:
     """Seconds per AR step, verify(N) over VERIFY_GRID, draft(m) and extend(m) over DRAFT_GRID, at `context` cached
     tokens. Uses cache slots [context, context + 64) as scratch: call it before generating."""
     dev = target.embed.weight.device
-    if head is not None and not compiled:  # as an eager SpecEngine runs them (CPU: packed weights, model.Linear)
-        target.pack()
-        head.pack()
+    if not compiled and dev.type == "cpu":  # as an eager SpecEngine runs them
+        cpu_fast_paths(target, head, draft_int8)
     size = target.max_seq_len
     if size < context + max(VERIFY_GRID):  # a cache sized for a short generation: time with a big enough one
         target.setup_cache(context + max(VERIFY_GRID), attn_backend=target.attn_backend)
@@ -128,29 +130,33 @@ def round_cost(costs: dict, s: Shape) -> float:
             + (s.depth - 1) * _interp(costs["draft"], s.top_k) + _interp(costs["extend"], s.depth + 1))
 
 
-def costs_key(target, head, compiled: bool) -> str:
-    """What the timings depend on: device, model and head shapes, dtype, threads, compile mode, torch version."""
+def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
+    """What the timings depend on: device, model and head shapes, dtype, threads, compile mode, torch version, the
+    draft's int8 path."""
     dev = target.embed.weight.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{os.cpu_count()}"
-    parts = [name, torch.__version__, str(target.embed.weight.dtype), str(torch.get_num_threads()), str(compiled),
-             json.dumps(target.args.to_dict(), sort_keys=True), target.attn_backend, str(target.max_seq_len >= 64)]
+    parts = [COSTS_VERSION, name, torch.__version__, str(target.embed.weight.dtype), str(torch.get_num_threads()),
+             str(compiled), json.dumps(target.args.to_dict(), sort_keys=True), target.attn_backend,
+             str(target.max_seq_len >= 64)]
     if head is not None:
         parts += [json.dumps(head.args.to_dict(), sort_keys=True), str(None if head.vocab_ids is None else
-                                                                       head.vocab_ids.shape[0])]
+                                                                       head.vocab_ids.shape[0]),
+                  f"int8={draft_int8 and not compiled and dev.type == 'cpu'}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def cached_costs(target, head, compiled: bool = False, cache_dir: Path | None = None) -> dict:
+def cached_costs(target, head, compiled: bool = False, cache_dir: Path | None = None,
+                 draft_int8: bool = True) -> dict:
     """measure_costs, read from / written to the user cache (one small JSON per machine and model shape)."""
     from fasteagle.download import cache_dir as user_cache
 
-    path = (cache_dir or user_cache()) / "costs" / f"{costs_key(target, head, compiled)}.json"
+    path = (cache_dir or user_cache()) / "costs" / f"{costs_key(target, head, compiled, draft_int8)}.json"
     try:
         data = json.loads(path.read_text())  # JSON keys are strings: back to ints
         return {k: {int(n): t for n, t in v.items()} if isinstance(v, dict) else v for k, v in data.items()}
     except (OSError, ValueError, AttributeError):
         pass
-    costs = measure_costs(target, head, compiled=compiled)
+    costs = measure_costs(target, head, compiled=compiled, draft_int8=draft_int8)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -238,12 +244,12 @@ class Adaptive:
 
 
 def auto_policy(target, head, head_dir, compiled: bool = False, max_tokens: int | None = None, keep: int = 3,
-                cache_dir: Path | None = None):
+                cache_dir: Path | None = None, draft_int8: bool = True):
     """The shape chooser for a loaded target + head: (Adaptive or None for AR, Choice, costs). Costs come from the
     user cache (measured on the first run); tau from the head's calibration.json, or, for a head without one,
     the bundled SmolLM2 head's (a rough prior: calibrate your head for a real choice)."""
     taus = read_calibration(head_dir) or read_calibration(BUNDLED_HEAD)
-    costs = cached_costs(target, head, compiled, cache_dir)
+    costs = cached_costs(target, head, compiled, cache_dir, draft_int8)
     choice = choose_shape(costs, taus, max_tokens)
     if choice.shape is None:
         return None, choice, costs

@@ -18,8 +18,9 @@ import torch.nn as nn
 
 from fasteagle.checkpoint import atomic_output_dir, load_weights, read_config, write_checkpoint
 from fasteagle.errors import FastEagleError
-from fasteagle.model import (Linear, ModelArgs, TransformerBlock, can_pack, pack_linears, pack_weight,
-                             packed_linear, run_layers, setup_static_cache)
+from fasteagle.model import (QUANTIZE_MIN_NUMEL, Linear, ModelArgs, TransformerBlock, can_pack, can_quantize,
+                             pack_linears, pack_weight, packed_linear, quantize_linears, quantize_weight,
+                             quantized_linear, run_layers, setup_static_cache)
 
 
 class DraftHead(nn.Module):
@@ -56,17 +57,22 @@ class DraftHead(nn.Module):
         tokens), or over the whole target vocabulary (None). Copies those LM-head rows once ([size, dim])."""
         if size is None:
             self.vocab_ids, self.vocab_weight = None, None
-            if self.head_packed is not None:
-                self.head_packed = pack_weight(self.lm_head_weight)
+            self._repack(self.lm_head_weight)
             return self
         if self.draft_vocab is None or not 1 <= size <= self.draft_vocab.shape[0]:
             have = 0 if self.draft_vocab is None else self.draft_vocab.shape[0]
             raise FastEagleError(f"draft vocabulary size {size}: this head stores {have} draft-vocabulary ids")
         ids = self.draft_vocab[:size].to(self.lm_head_weight.device)
         self.vocab_ids, self.vocab_weight = ids, self.lm_head_weight[ids].contiguous()
-        if self.head_packed is not None:
-            self.head_packed = pack_weight(self.vocab_weight)
+        self._repack(self.vocab_weight)
         return self
+
+    def _repack(self, w):
+        """Redo the ranking weight's packed / int8 copies after the ranking rows changed."""
+        if self.head_packed is not None:
+            self.head_packed = pack_weight(w)
+        if self.head_qpacked is not None:
+            self.head_qpacked = quantize_weight(w)
 
     head_packed = None  # the ranking weight (draft vocabulary rows or the LM head), packed (model.Linear)
 
@@ -78,6 +84,28 @@ class DraftHead(nn.Module):
         if self.head_packed is None:
             self.head_packed = pack_weight(w, rows)
         return True
+
+    head_qpacked = None  # the ranking weight as int8 (quantize)
+
+    def quantize(self, on: bool = True, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
+        """CPU: rank with, and run the layer and fc through, int8 copies of their weights (model.quantize_weight):
+        each draft level then streams a quarter of the bytes. Lossless all the same: only the proposals change.
+        Weights under min_numel elements stay fp32 (model.quantize_linears). quantize(False) drops the copies.
+        Returns whether the head now runs (partly) int8."""
+        if not on:
+            for m in self.modules():
+                if isinstance(m, Linear):
+                    m.qpacked = None
+            self.head_qpacked = None
+            return False
+        w = self.lm_head_weight if self.vocab_weight is None else self.vocab_weight
+        if not can_quantize(w):
+            return False
+        quantize_linears(self, min_numel)
+        if self.head_qpacked is None and w.numel() >= min_numel:
+            self.head_qpacked = quantize_weight(w)
+        return self.head_qpacked is not None or any(isinstance(m, Linear) and m.qpacked is not None
+                                                    for m in self.modules())
 
     def setup_cache(self, max_seq_len: int, attn_backend: str = "sdpa"):
         setup_static_cache(self, max_seq_len, 1, attn_backend)
@@ -107,9 +135,21 @@ class DraftHead(nn.Module):
 
             logp, ids = lm_head_topk(out, w, k, temperature)
         else:
-            logits = packed_linear(out, w, self.head_packed).float()
+            logits = (quantized_linear(out, self.head_qpacked) if self.head_qpacked is not None
+                      else packed_linear(out, w, self.head_packed)).float()
             logp, ids = torch.topk(torch.log_softmax(logits / temperature, dim=-1), k, dim=-1)
         return (logp, ids) if self.vocab_ids is None else (logp, self.vocab_ids[ids])
+
+
+def cpu_fast_paths(target, head=None, int8: bool = True) -> bool:
+    """Eager CPU forwards as the engine runs them: packed fp32 weights for multi-row inputs (model.Linear) in the
+    target and the head, and the head's int8 copies when int8 (DraftHead.quantize). Returns whether the head runs
+    int8. No-op elsewhere (GPU, other dtypes)."""
+    target.pack()
+    if head is None:
+        return False
+    head.pack()
+    return head.quantize(int8)
 
 
 def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32) -> DraftHead:

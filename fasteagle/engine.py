@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fasteagle.autotune import Shape
+from fasteagle.draft import cpu_fast_paths
 from fasteagle.errors import FastEagleError
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
 from fasteagle.model import causal_mask, kv_caches
@@ -92,9 +93,11 @@ def auto_total_tokens(target, candidates=(40, 48, 50, 56, 60), gains=(1.0, 1.05,
 class SpecEngine:
     def __init__(self, target, draft=None, *, tree: str = "dynamic", depth: int = DEFAULT_DEPTH,
                  top_k: int = DEFAULT_TOP_K, total_tokens: int = DEFAULT_TOTAL_TOKENS, static_choices=None,
-                 draft_temperature: float = 1.0, compile: bool = False, policy=None):
+                 draft_temperature: float = 1.0, compile: bool = False, policy=None, draft_int8: bool = True):
         """policy: an autotune.Adaptive choosing the tree shape (or AR) per round among its few fixed shapes;
-        without it every round uses the one shape given by tree / depth / top_k / total_tokens."""
+        without it every round uses the one shape given by tree / depth / top_k / total_tokens.
+        draft_int8: on CPU (eager, fp32) the draft head runs through int8 copies of its weights
+        (draft.cpu_fast_paths)."""
         self.target, self.draft = target, draft
         self.device = target.embed.weight.device
         self.max_seq_len = target.max_seq_len
@@ -126,11 +129,10 @@ class SpecEngine:
                 self.shape, self.policy = None, None
                 self.depth, self.tree_size = self.static_shape.depth, self.static_shape.size
                 draft_block = self.tree_size
-            if self.device.type == "cpu" and not compile:  # multi-row forwards through packed weights (model.Linear)
-                target.pack()
-                draft.pack()
             # the draft writes up to max(tree block, D+1) slots past L; give it that much headroom
             draft.setup_cache(self.max_seq_len + max(draft_block, self.depth + 1), attn_backend=target.attn_backend)
+        if self.device.type == "cpu" and not compile:  # packed fp32 weights (model.Linear), the draft's int8 copies
+            cpu_fast_paths(target, draft, draft_int8)
         # Round-to-round state, updated in place by the phases so that captured graphs always read and write the
         # same addresses: L (committed cache length, shared by target and draft), the root (last emitted token,
         # not yet in the cache) and root_out (the draft's output at L - 1, its guess of the root's feature).

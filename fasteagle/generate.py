@@ -61,6 +61,9 @@ def parse_args(argv=None):
                                           f"'auto': the shape chooser")
     d.add_argument("--draft-temperature", type=float, default=1.0,
                    help="temperature of the draft's scores when building the tree (never changes the output)")
+    d.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: run the draft head through int8 copies of its weights (faster drafting; the output "
+                        "stays exactly the target's)")
     return p.parse_args(argv)
 
 
@@ -211,7 +214,8 @@ def make_engine(args, target, draft, draft_dir=None, room: int | None = None):
         from fasteagle.autotune import auto_policy
 
         t0 = time.perf_counter()
-        policy, choice, _ = auto_policy(target, draft, draft_dir, args.compile, max_tokens=room)
+        policy, choice, _ = auto_policy(target, draft, draft_dir, args.compile, max_tokens=room,
+                                        draft_int8=args.draft_int8)
         args.chosen = choice
         what = f"{choice.shape}, predicted {choice.speedup:.2f}x AR" if policy else \
             "plain AR (no tree shape is predicted to beat it on this machine)"
@@ -219,7 +223,8 @@ def make_engine(args, target, draft, draft_dir=None, room: int | None = None):
         draft = draft if policy else None
     return SpecEngine(target, draft, tree=args.tree, depth=args.depth, top_k=args.tree_top_k,
                       total_tokens=int(args.total_tokens) if args.total_tokens != "auto" else 1,
-                      draft_temperature=args.draft_temperature, compile=args.compile, policy=policy)
+                      draft_temperature=args.draft_temperature, compile=args.compile, policy=policy,
+                      draft_int8=args.draft_int8)
 
 
 def decode(args, engine, ids, params, eos, tok, chat, max_seq_len):

@@ -1,0 +1,89 @@
+"""The draft head's int8 CPU path (DraftHead.quantize, the engine's default on CPU): its proposals stay close to
+the fp32 head's, it can be switched off again exactly, it follows a change of draft vocabulary, and decoding
+through it equals plain greedy decoding token for token (only the proposals change, never the output)."""
+import pytest
+import torch
+
+from fasteagle.draft import cpu_fast_paths
+from fasteagle.engine import SpecEngine
+from fasteagle.model import can_quantize
+from test_spec_greedy import prompts
+from tiny import predictable_pair, with_draft_vocab
+
+pytestmark = pytest.mark.skipif(not can_quantize(torch.zeros(1)), reason="no x86/fbgemm quantized engine")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return predictable_pair(1.0, vocab=64, dim=64)
+
+
+def head_outputs(head, target):
+    head.setup_cache(64)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (1, 6))
+    feats = torch.randn(1, 6, target.args.dim)
+    pos = torch.arange(6)[None]
+    zero = torch.zeros(1, dtype=torch.long)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    with torch.no_grad():
+        out = head(tokens, feats, pos, zero, mask)[0]
+        return out, head.topk(out, 4)
+
+
+def test_int8_head_proposes_like_fp32_and_switches_back_exactly(pair):
+    target, head = pair
+    head.quantize(False)
+    out32, (logp32, ids32) = head_outputs(head, target)
+    cpu_fast_paths(target, head, int8=False)
+    assert not head.quantize()  # a tiny head stays fp32 by default: int8 would cost more than it saves
+    assert head.quantize(min_numel=0)
+    out8, (logp8, ids8) = head_outputs(head, target)
+    assert not torch.equal(out8, out32)  # the int8 path really ran
+    torch.testing.assert_close(out8, out32, atol=0.05 * out32.abs().max().item(), rtol=0)
+    assert (ids8[:, 0] == ids32[:, 0]).float().mean() >= 0.8
+    assert not head.quantize(False)
+    out, (logp, ids) = head_outputs(head, target)
+    torch.testing.assert_close(out, out32, atol=1e-5, rtol=1e-5)  # packed fp32 vs plain: rounding only
+    assert torch.equal(ids, ids32)
+
+
+def test_int8_ranking_follows_the_draft_vocabulary(pair):
+    target, head = pair
+    vocab = list(range(0, 64, 2))  # even ids only
+    small = with_draft_vocab(head, target, vocab)
+    assert small.quantize(min_numel=0)
+    _, (_, ids) = head_outputs(small, target)
+    assert set(ids.flatten().tolist()) <= set(vocab)
+    small.use_draft_vocab(8)
+    assert small.head_qpacked is not None
+    _, (_, ids) = head_outputs(small, target)
+    assert set(ids.flatten().tolist()) <= set(vocab[:8])
+    small.use_draft_vocab(None)
+    _, (_, ids) = head_outputs(small, target)
+    assert ids.max() >= 0 and small.head_qpacked is not None
+
+
+@pytest.mark.parametrize("draft_int8", [True, False])
+@pytest.mark.parametrize("tree,shape", [("dynamic", (4, 4, 12)), ("dynamic", (3, 1, 4)), ("static", None)])
+def test_greedy_equal_with_and_without_int8(pair, draft_int8, tree, shape):
+    target, head = pair
+    depth, top_k, total = shape or (6, 10, 60)
+    head.quantize(draft_int8, min_numel=0)  # tiny weights: int8 only when asked for every size
+    ar = SpecEngine(target)
+    spec = SpecEngine(target, head, tree=tree, depth=depth, top_k=top_k, total_tokens=total, draft_int8=draft_int8)
+    assert (head.head_qpacked is not None) == draft_int8
+    taus = []
+    for prompt in prompts(4, 64, seed=5):
+        out = spec.generate(prompt, 40)
+        assert out.tokens == ar.generate(prompt, 40).tokens, prompt
+        taus.append(out.mean_accepted)
+    assert sum(taus) / len(taus) > 1.5  # the int8 head still agrees with the target often
+
+
+def test_cost_cache_keys_the_int8_path(pair):
+    from fasteagle.autotune import costs_key
+
+    target, head = pair
+    assert costs_key(target, head, False, True) != costs_key(target, head, False, False)
+    assert costs_key(target, head, True, True) == costs_key(target, head, True, False)  # compiled: fp32 only
