@@ -2,10 +2,13 @@
 
 A speculative round with an EAGLE-2 tree of shape (depth D, tree top-k k, N tokens with the root) costs
 
-    round(D, k, N) = verify(N) + draft(1) + (D - 1) * draft(k) + extend(D + 1)
+    round(D, k, N) = verify(N) + tree(D, k, N) + extend(D + 1)
 
-where verify(N) is one target forward over N tokens (with the LM head), draft(m) one head step over m queries with
-its top-k, and extend(m) the head's forward over the accepted path. It emits tau(D, k, N) tokens on average, so
+where verify(N) is one target forward over N tokens (with the LM head), tree(D, k, N) building the tree (the
+root's draft step, D - 1 levels of k queries with their top-k, the selection), accepting and committing it, and
+extend(m) the head's forward over the accepted path. tree() is timed whole for the candidate shapes (the glue
+between the head's steps is a fifth of it on a CPU); for other shapes it is draft(1) + (D - 1) * draft(k), draft(m)
+one head step over m queries with its top-k. A round emits tau(D, k, N) tokens on average, so
 
     speedup(D, k, N) = tau(D, k, N) * ar / round(D, k, N)          (ar = one plain decode step)
 
@@ -29,14 +32,19 @@ from pathlib import Path
 import torch
 
 from fasteagle.draft import cpu_fast_paths
-from fasteagle.model import causal_mask
+from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
+from fasteagle.model import causal_mask, kv_caches
+from fasteagle.tree import build_dynamic_tree
+from fasteagle.verify import accept
 
 CALIBRATION = "calibration.json"
 VERIFY_GRID = (1, 2, 4, 8, 12, 16, 32, 64)
 DRAFT_GRID = (1, 2, 4, 8, 16)
-COSTS_VERSION = "2"  # bump when the engine's forwards change what the cached timings measured
-# shapes calibrated by default: chains and small trees (what a CPU can afford) up to the reference's 60-token tree
-CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (3, 2, 6), (3, 3, 8), (4, 4, 12), (5, 4, 16), (6, 8, 32), (6, 10, 60))
+COSTS_VERSION = "3"  # bump when the engine's forwards change what the cached timings measured
+# shapes calibrated (and their trees timed) by default: chains, one-level fans and small trees (what a CPU can
+# afford) up to the reference's 60-token tree
+CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (4, 1, 5), (1, 2, 3), (1, 3, 4), (1, 4, 5), (1, 6, 7), (2, 2, 4),
+              (2, 2, 5), (2, 3, 6), (2, 4, 8), (3, 2, 6), (3, 3, 8), (4, 4, 12), (5, 4, 16), (6, 8, 32), (6, 10, 60))
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,8 @@ def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: boo
     if size < context + max(VERIFY_GRID):  # a cache sized for a short generation: time with a big enough one
         target.setup_cache(context + max(VERIFY_GRID), attn_backend=target.attn_backend)
     if head is not None:
-        head.setup_cache(target.max_seq_len + max(DRAFT_GRID), attn_backend=target.attn_backend)
+        block = max(max(d - 1, 1) * k for d, k, _ in CANDIDATES)  # a candidate tree's draft slots past L
+        head.setup_cache(target.max_seq_len + max(max(DRAFT_GRID), block), attn_backend=target.attn_backend)
     try:
         return _measure(target, head, context, reps, dev)
     finally:
@@ -96,7 +105,8 @@ def _measure(target, head, context, reps, dev):
         pos = L[:, None] + torch.arange(n, device=dev)[None]
         return lambda: target.logits(target(tok, pos, L, causal_mask(n, dev))).argmax(-1)
 
-    costs = {"verify": _timeit({n: verify(n) for n in VERIFY_GRID}, dev, reps)}
+    # the verify grid decides most: thrice the repetitions (a shared machine's noise moved it by ~10% at 3)
+    costs = {"verify": _timeit({n: verify(n) for n in VERIFY_GRID}, dev, 3 * reps)}
     costs["ar"] = costs["verify"][1]
     if head is not None:
         feat = torch.zeros(1, 1, target.args.dim, dtype=target.embed.weight.dtype, device=dev)
@@ -113,7 +123,28 @@ def _measure(target, head, context, reps, dev):
 
         costs["draft"] = _timeit({m: step(m, True) for m in DRAFT_GRID}, dev, reps)
         costs["extend"] = _timeit({m: step(m, False) for m in DRAFT_GRID}, dev, reps)
+        costs["tree"] = _timeit({_key(Shape(*s)): tree_phase(target, head, Shape(*s), L, feat[0, 0])
+                                 for s in CANDIDATES}, dev, reps)
     return costs
+
+
+def tree_phase(target, head, s: Shape, L, root_out):
+    """A round's work besides the verify forward and the extend: build the tree, accept, commit (a chain skips the
+    commit, as the engine does)."""
+    commit = kv_commit if target.attn_backend == "triton" else kv_commit_reference
+    root = torch.zeros(1, dtype=torch.long, device=L.device)
+
+    def run():
+        tree = build_dynamic_tree(head, root, root_out, L, s.depth, s.top_k, s.total_tokens)
+        _, path, _ = accept(tree, tree.tokens)
+        if s.top_k > 1:
+            for cache in kv_caches(target):
+                commit(cache.k, cache.v, L, path)
+    return run
+
+
+def _key(s: Shape) -> str:
+    return f"{s.depth},{s.top_k},{s.total_tokens}"
 
 
 def _interp(table: dict, x: int) -> float:
@@ -126,8 +157,10 @@ def _interp(table: dict, x: int) -> float:
 
 
 def round_cost(costs: dict, s: Shape) -> float:
-    return (_interp(costs["verify"], s.total_tokens) + _interp(costs["draft"], 1)
-            + (s.depth - 1) * _interp(costs["draft"], s.top_k) + _interp(costs["extend"], s.depth + 1))
+    tree = costs.get("tree", {}).get(_key(s))
+    if tree is None:
+        tree = _interp(costs["draft"], 1) + (s.depth - 1) * _interp(costs["draft"], s.top_k)
+    return _interp(costs["verify"], s.total_tokens) + tree + _interp(costs["extend"], s.depth + 1)
 
 
 def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
@@ -153,7 +186,8 @@ def cached_costs(target, head, compiled: bool = False, cache_dir: Path | None = 
     path = (cache_dir or user_cache()) / "costs" / f"{costs_key(target, head, compiled, draft_int8)}.json"
     try:
         data = json.loads(path.read_text())  # JSON keys are strings: back to ints
-        return {k: {int(n): t for n, t in v.items()} if isinstance(v, dict) else v for k, v in data.items()}
+        return {k: v if not isinstance(v, dict) or k == "tree" else {int(n): t for n, t in v.items()}
+                for k, v in data.items()}
     except (OSError, ValueError, AttributeError):
         pass
     costs = measure_costs(target, head, compiled=compiled, draft_int8=draft_int8)
@@ -216,8 +250,19 @@ class Adaptive:
     calibration prompts. Each shape's expected tau is 1 + r * (tau_cal - 1); the round runs the shape with the
     best expected tau / cost. In AR mode every `probe`-th step is a speculative round, so r keeps tracking."""
 
+    # acceptance levels r (relative to the calibration) whose best shape is always kept
+    LEVELS = (1.0, 0.7, 1.5, 2.0)
+
     def __init__(self, table: list, keep: int = 3, alpha: float = 0.15, probe: int = 8):
-        self.rows = [(s, tau, c) for s, tau, c, _ in table[:keep]]
+        """table: rank_shapes' rows, best first. Keeps the best shape at each of LEVELS (so that an easy stretch
+        finds a deeper tree, a hard one a smaller one), then the next best up to `keep` shapes."""
+        rows = [(s, tau, c) for s, tau, c, _ in table]
+        kept = []
+        for r in self.LEVELS:
+            best = max(rows, key=lambda row: (1 + r * (row[1] - 1)) / row[2], default=None)
+            if best is not None and best not in kept:
+                kept.append(best)
+        self.rows = kept + [row for row in rows if row not in kept][: max(keep - len(kept), 0)]
         self.alpha, self.probe = alpha, probe
         self.reset()
 

@@ -137,7 +137,12 @@ class DraftHead(nn.Module):
         else:
             logits = (quantized_linear(out, self.head_qpacked) if self.head_qpacked is not None
                       else packed_linear(out, w, self.head_packed)).float()
-            logp, ids = torch.topk(torch.log_softmax(logits / temperature, dim=-1), k, dim=-1)
+            logits = logits if temperature == 1.0 else logits / temperature
+            if k == 1:  # a chain's level: max and logsumexp cost a fraction of log_softmax + topk over V_d rows
+                top, ids = logits.max(-1, keepdim=True)
+                logp = top - torch.logsumexp(logits, -1, keepdim=True)
+            else:
+                logp, ids = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
         return (logp, ids) if self.vocab_ids is None else (logp, self.vocab_ids[ids])
 
 

@@ -236,8 +236,9 @@ class SpecEngine:
         pos = L + torch.arange(P, device=L.device)
         out = self.draft(emitted[None], hidden[path][None], pos[None], L, causal_mask(P, L.device), window)[0]
         n = accept_len + 1
-        for cache in kv_caches(self.target):  # each layer owns its buffers (model.py)
-            self._kv_commit(cache.k, cache.v, L, path)
+        if shape is None or shape.top_k > 1:  # a chain's accepted path is already in place: node d at slot L + d
+            for cache in kv_caches(self.target):  # each layer owns its buffers (model.py)
+                self._kv_commit(cache.k, cache.v, L, path)
         L.add_(n)
         self.root.copy_(emitted.index_select(0, accept_len))
         self.root_out.copy_(out.index_select(0, accept_len)[0])

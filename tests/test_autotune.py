@@ -49,6 +49,13 @@ def test_round_cost_adds_the_phases():
     assert round_cost(costs(0.1, draft=0.01), s) == pytest.approx(1 + 0.1 * 11 + 0.01 + 3 * 0.01 + 0.01)
 
 
+def test_round_cost_takes_the_timed_tree_when_there_is_one():
+    s, c = Shape(4, 4, 12), costs(0.1, draft=0.01)
+    c["tree"] = {"4,4,12": 0.5}
+    assert round_cost(c, s) == pytest.approx(1 + 0.1 * 11 + 0.5 + 0.01)
+    assert round_cost(c, Shape(3, 1, 4)) == pytest.approx(1 + 0.1 * 3 + 0.01 + 2 * 0.01 + 0.01)  # not timed
+
+
 def test_max_tokens_excludes_bigger_trees():
     table = rank_shapes(costs(0.001), STRONG, max_tokens=12)
     assert {row[0] for row in table} == {Shape(1, 1, 2), Shape(3, 1, 4), Shape(4, 4, 12)}
@@ -171,9 +178,32 @@ def test_vocab_cli_and_calibration(tmp_path, capsys):
     write_calibration(out, rows, {"prompts": ["synthetic"]})
     assert read_calibration(out) == {Shape(r["depth"], r["top_k"], r["total_tokens"]): r["tau"] for r in rows}
     policy, choice, costs = auto_policy(target, small, out, cache_dir=tmp_path / "cache")
-    assert set(costs) == {"ar", "verify", "draft", "extend"} and len(list((tmp_path / "cache").rglob("*.json"))) == 1
+    assert set(costs) == {"ar", "verify", "draft", "extend", "tree"}
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
+    assert auto_policy(target, small, out, cache_dir=tmp_path / "cache")[2] == costs  # read back from the cache
     assert (policy is None) == (choice.shape is None)
     assert draft_vocab(torch.tensor([5, 0, 9, 9]), 2, always=[1]).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("shape", [Shape(2, 1, 3), Shape(1, 4, 5), Shape(3, 2, 6), Shape(4, 3, 9)])
+def test_calibration_replays_the_engines_rounds(shape):
+    """calibrate replays greedy rounds against the target's greedy answer instead of running the engine: it must
+    find the very accept lengths the engine's rounds have (the last round: the replay stops at the answer's end)."""
+    from fasteagle.train.calibrate import replay
+    from fasteagle.train.data import generate_batch
+
+    target, head = predictable_pair(0.5, vocab=64)
+    engine, n = SpecEngine(target, head, depth=shape.depth, top_k=shape.top_k, total_tokens=shape.total_tokens), 40
+    rounds = 0
+    for p in prompts(3, 64, seed=11):
+        ran = engine.generate(p, n)
+        (toks, feats), = generate_batch(target, [p], n)
+        target.setup_cache(256)  # generate_batch left its own cache behind
+        assert toks[len(p):].tolist() == ran.tokens
+        replayed = replay(head, toks, feats, len(p), [shape])[shape]
+        assert replayed[:-1] == ran.accept_lens[:-1] and replayed[-1] <= ran.accept_lens[-1]
+        rounds += len(replayed)
+    assert rounds < 3 * (n - 1)  # drafts were accepted: the comparison covered rounds longer than one token
 
 
 def test_generate_uses_the_automatic_shape(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@
   eval      --checkpoint DIR --draft HEAD_DIR --questions question.jsonl [--max-new-tokens 256]
             [--depth 6 --tree-top-k 10 --total-tokens 60]
   vocab     --checkpoint DIR --draft HEAD_DIR --out NEW_HEAD_DIR (--data DATA_DIR... | --text FILE...) [--size 16384]
-  calibrate --checkpoint DIR --draft HEAD_DIR --prompts FILE... [--limit 6 --max-new-tokens 96]
+  calibrate --checkpoint DIR --draft HEAD_DIR --prompts FILE... [--limit 48 --max-new-tokens 128]
   all       the three in a row: --checkpoint DIR --prompts FILE... --data DATA_DIR --out HEAD_DIR
             --questions question.jsonl (eval's --max-new-tokens / --limit are --eval-max-new-tokens / --eval-limit)
 """
@@ -109,7 +109,7 @@ def cmd_vocab(args):
 
 
 def cmd_calibrate(args):
-    from fasteagle.draft import load_draft
+    from fasteagle.draft import cpu_fast_paths, load_draft
     from fasteagle.tokenizer import load_tokenizer
     from fasteagle.train.calibrate import calibrate, write_calibration
     from fasteagle.train.data import load_prompts
@@ -122,9 +122,12 @@ def cmd_calibrate(args):
         raise FastEagleError("calibrate: no prompts left (check --prompts, --skip and --max-prompt-tokens)")
     target, cfg = _load_target(args, max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 128)
     head = load_draft(args.draft, target, device=target.embed.weight.device, dtype=target.embed.weight.dtype)
-    rows = calibrate(target, head, prompts, args.max_new_tokens, tok.eos_ids)
+    int8 = target.embed.weight.device.type == "cpu" and cpu_fast_paths(target, head, args.draft_int8)
+    rows = calibrate(target, head, prompts, args.max_new_tokens, tok.eos_ids, batch_size=args.batch_size)
     write_calibration(args.draft, rows, {"prompts": [Path(x).name for x in args.prompts], "skip": args.skip,
-                                         "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens})
+                                         "n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                                         "draft": "int8 (CPU)" if int8 else str(target.embed.weight.dtype),
+                                         "method": "greedy rounds replayed against the target's greedy answers"})
     for r in rows:
         print(f"depth {r['depth']} tree-top-k {r['top_k']} total-tokens {r['total_tokens']}: tau {r['tau']:.2f}")
 
@@ -234,9 +237,12 @@ def main(argv=None) -> int:
     sp.add_argument("--draft", required=True, help="the draft head directory (calibration.json is written there)")
     sp.add_argument("--prompts", nargs="+", required=True, help="held-out conversation files (first user turns)")
     sp.add_argument("--skip", type=int, default=8, help="skip the first K prompts (default %(default)s)")
-    sp.add_argument("--limit", type=int, default=6, help="prompts to use (default %(default)s)")
-    sp.add_argument("--max-new-tokens", type=int, default=96, help="per prompt (default %(default)s)")
+    sp.add_argument("--limit", type=int, default=48, help="prompts to use (default %(default)s)")
+    sp.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default %(default)s)")
     sp.add_argument("--max-prompt-tokens", type=int, default=256, help="skip longer prompts (default %(default)s)")
+    sp.add_argument("--batch-size", type=int, default=16, help="prompts answered at once (default %(default)s)")
+    sp.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
+                    help="CPU: the head's int8 copies, as the engine drafts there by default")
     sp.set_defaults(fn=cmd_calibrate)
 
     sp = sub.add_parser("all", help="gen-data, fit and eval in a row")
