@@ -19,7 +19,7 @@ import torch.nn as nn
 from fasteagle.checkpoint import atomic_output_dir, load_weights, read_config, write_checkpoint
 from fasteagle.errors import FastEagleError
 from fasteagle.model import (QUANTIZE_MIN_NUMEL, Linear, ModelArgs, TransformerBlock, can_pack, can_quantize,
-                             pack_linears, pack_weight, packed_linear, quantize_linears, quantize_weight,
+                             dequantize_linears, pack_linears, pack_weight, packed_linear, quantize_linears, quantize_weight,
                              quantized_linear, run_layers, setup_static_cache)
 
 
@@ -93,19 +93,15 @@ class DraftHead(nn.Module):
         Weights under min_numel elements stay fp32 (model.quantize_linears). quantize(False) drops the copies.
         Returns whether the head now runs (partly) int8."""
         if not on:
-            for m in self.modules():
-                if isinstance(m, Linear):
-                    m.qpacked = None
+            dequantize_linears(self)
             self.head_qpacked = None
             return False
         w = self.lm_head_weight if self.vocab_weight is None else self.vocab_weight
         if not can_quantize(w):
             return False
-        quantize_linears(self, min_numel)
         if self.head_qpacked is None and w.numel() >= min_numel:
             self.head_qpacked = quantize_weight(w)
-        return self.head_qpacked is not None or any(isinstance(m, Linear) and m.qpacked is not None
-                                                    for m in self.modules())
+        return quantize_linears(self, min_numel) or self.head_qpacked is not None
 
     def setup_cache(self, max_seq_len: int, attn_backend: str = "sdpa"):
         setup_static_cache(self, max_seq_len, 1, attn_backend)

@@ -121,12 +121,19 @@ def pack_weight(weight: torch.Tensor, rows: int = 8) -> torch.Tensor:
 
 
 def pack_linears(model: nn.Module, rows: int = 8) -> bool:
-    """Give every `Linear` of model a packed weight (see Linear); False (nothing done) off CPU / fp32 / oneDNN."""
+    """Give every `Linear` of model a packed weight (see Linear), the projections that read the same input (an
+    attention's wq, wk, wv; a feed-forward's gate and up) one packed weight per group (FusedInput); False (nothing
+    done) off CPU / fp32 / oneDNN."""
     mods = [m for m in model.modules() if isinstance(m, Linear)]
     if not mods or not can_pack(mods[0].weight):
         return False
+    grouped = set()
+    for m in model.modules():
+        if isinstance(m, FusedInput):
+            m.pack_group(rows)
+            grouped.update(m.group())
     for m in mods:
-        if m.packed is None:
+        if m.packed is None and m not in grouped:
             m.packed = pack_weight(m.weight, rows)
     return True
 
@@ -134,15 +141,61 @@ def pack_linears(model: nn.Module, rows: int = 8) -> bool:
 PACKED_ONE_ROW_MIN_THREADS = 2
 
 
+def use_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
+    """Whether an eager CPU linear on x takes its packed weight: for multi-row inputs always, for one row with
+    PACKED_ONE_ROW_MIN_THREADS threads or more (measured on 2 AVX2 cores: oneDNN's packed GEMV beats MKL's sgemv
+    with 2 threads, loses to it with 1). Never while compiling (inductor: the plain linear)."""
+    return (packed is not None and not torch.compiler.is_compiling()
+            and (x.numel() > x.shape[-1] or torch.get_num_threads() >= PACKED_ONE_ROW_MIN_THREADS))
+
+
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the packed copy when there is one: for multi-row inputs always, for one
-    row with PACKED_ONE_ROW_MIN_THREADS threads or more (measured on 2 AVX2 cores: oneDNN's packed GEMV beats MKL's
-    sgemv with 2 threads, loses to it with 1)."""
-    if (packed is not None and not torch.compiler.is_compiling()  # inductor: the plain linear
-            and (x.numel() > x.shape[-1] or torch.get_num_threads() >= PACKED_ONE_ROW_MIN_THREADS)):
+    """F.linear(x, weight, bias), through the packed copy when use_packed says so."""
+    if use_packed(x, packed):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+class FusedInput(nn.Module):
+    """A module whose `group()` of Linears all read the same input. On CPU the group gets one packed weight
+    (pack_linears) or one int8 copy (quantize_linears), their rows stacked: one call instead of three (q, k, v) or
+    two (gate, up). Each call has a fixed cost (~50-80 us on 2 cores) that dominates SmolLM2's small GEMMs, more so
+    for the few-row inputs of tree verification (measured on SmolLM2-135M, 2 threads: verify(3) 1.21x -> 1.13x the
+    one-token step). The members keep their own weights: checkpoints, GPU and compiled forwards are unchanged."""
+
+    group_packed = None  # [sum of the group's out features, in], oneDNN-packed (pack_group); plain attribute
+    group_qpacked = None  # the same rows as int8 (quantize_group)
+    group_bias = None
+
+    def group(self) -> list[Linear]:
+        raise NotImplementedError
+
+    def _stacked(self):
+        mods = self.group()
+        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+        return torch.cat([m.weight.detach() for m in mods]), bias
+
+    def pack_group(self, rows: int):
+        if self.group_packed is None:
+            w, self.group_bias = self._stacked()
+            self.group_packed = pack_weight(w, rows)
+
+    def quantize_group(self, min_numel: int):
+        w, bias = self._stacked()
+        if self.group_qpacked is None and w.numel() >= min_numel:
+            self.group_qpacked = quantize_weight(w, bias)
+
+    def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[m(x) for m in group()], in one call when there is a stacked copy to take (int8 first)."""
+        mods = self.group()
+        if self.group_qpacked is not None:
+            y = quantized_linear(x, self.group_qpacked)
+        elif use_packed(x, self.group_packed):
+            y = torch.ops.mkldnn._linear_pointwise(x, self.group_packed, self.group_bias, "none", [], "")
+        else:
+            return [m(x) for m in mods]
+        return y.split([m.out_features for m in mods], dim=-1)
 
 
 def can_quantize(weight: torch.Tensor) -> bool:
@@ -172,16 +225,31 @@ QUANTIZE_MIN_NUMEL = 1 << 16
 
 def quantize_linears(model: nn.Module, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
     """Give every `Linear` of model with at least min_numel weights an int8 copy (quantize_weight), used for all
-    its inputs from then on. Smaller weights stay fp32: the dynamic op's per-call quantization costs more than the
-    bytes it saves there (measured: a 64 x 32 weight takes 44 us in int8 vs 8 us in fp32). Returns whether any
-    weight was quantized."""
+    its inputs from then on; a FusedInput's group gets one stacked copy instead. Smaller weights stay fp32: the
+    dynamic op's per-call quantization costs more than the bytes it saves there (measured: a 64 x 32 weight takes
+    44 us in int8 vs 8 us in fp32). Returns whether any weight was quantized. dequantize_linears undoes it."""
     mods = [m for m in model.modules() if isinstance(m, Linear)]
     if not mods or not can_quantize(mods[0].weight):
         return False
+    grouped = set()
+    for m in model.modules():
+        if isinstance(m, FusedInput):
+            m.quantize_group(min_numel)
+            grouped.update(m.group())
     for m in mods:
-        if m.qpacked is None and m.weight.numel() >= min_numel:
+        if m.qpacked is None and m not in grouped and m.weight.numel() >= min_numel:
             m.qpacked = quantize_weight(m.weight, m.bias)
-    return any(m.qpacked is not None for m in mods)
+    return any(m.qpacked is not None for m in mods) or any(
+        isinstance(m, FusedInput) and m.group_qpacked is not None for m in model.modules())
+
+
+def dequantize_linears(model: nn.Module):
+    """Drop the int8 copies quantize_linears made."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.qpacked = None
+        if isinstance(m, FusedInput):
+            m.group_qpacked = None
 
 
 class RMSNorm(nn.Module):
@@ -228,7 +296,7 @@ def visible_keys(cache_len: torch.Tensor, attn_mask: torch.Tensor, n_keys: int) 
     return visible.unsqueeze(1)
 
 
-class Attention(nn.Module):
+class Attention(FusedInput):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -241,9 +309,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos_sin, slots, cache_len, attn_mask, visible):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.group_outputs(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
         self.kv_cache.write(slots, k, v)
         if self.backend == "triton":
@@ -258,8 +327,11 @@ class Attention(nn.Module):
             )
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
+    def group(self):
+        return [self.wq, self.wk, self.wv]
 
-class FeedForward(nn.Module):
+
+class FeedForward(FusedInput):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.w1 = Linear(args.dim, args.intermediate_size, bias=False)  # gate
@@ -267,7 +339,11 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.intermediate_size, args.dim, bias=False)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.group_outputs(x)
+        return self.w2(F.silu(gate) * up)
+
+    def group(self):
+        return [self.w1, self.w3]
 
 
 class TransformerBlock(nn.Module):
