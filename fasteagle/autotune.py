@@ -112,9 +112,11 @@ def _measure(target, head, context, reps, dev):
         feat = torch.zeros(1, 1, target.args.dim, dtype=target.embed.weight.dtype, device=dev)
 
         def step(m, topk):
+            """A tree level (topk: the head's own outputs in, top-k out) or the extend (the target's features in:
+            EAGLE-3 reads its tapped layers, len(taps) * dim wide)."""
             tok = torch.zeros(1, m, dtype=torch.long, device=dev)
             pos = L[:, None].expand(1, m)
-            f = feat.expand(1, m, -1)
+            f = feat.expand(1, m, -1) if topk or not head.taps else feat.repeat(1, m, len(head.taps))
 
             def run():
                 out = head(tok, f, pos, L, torch.eye(m, dtype=torch.bool, device=dev))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fasteagle import eagle3
 from fasteagle.checkpoint import atomic_output_dir, load_weights, read_config, write_checkpoint
 from fasteagle.errors import FastEagleError
 from fasteagle.model import (QUANTIZE_MIN_NUMEL, Linear, ModelArgs, TransformerBlock, can_pack, can_quantize,
@@ -24,6 +25,9 @@ from fasteagle.model import (QUANTIZE_MIN_NUMEL, Linear, ModelArgs, TransformerB
 
 
 class DraftHead(nn.Module):
+    arch = "eagle"  # EAGLE-1/2 (eagle3.Eagle3Head: "eagle3")
+    taps = ()  # target layers whose inputs the head reads (EAGLE-3); none: the target's final-normed hidden state
+
     def __init__(self, args: ModelArgs, fc_bias: bool = True, draft_vocab_size: int = 0):
         super().__init__()
         self.args = args
@@ -153,9 +157,17 @@ def cpu_fast_paths(target, head=None, int8: bool = True) -> bool:
     return head.quantize(int8)
 
 
-def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32) -> DraftHead:
-    """Load a converted draft head and bind it to `target` (checking hidden size and vocabulary)."""
+def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32):
+    """Load a converted draft head (EAGLE-1/2: DraftHead; EAGLE-3: eagle3.Eagle3Head, by the config's "head_arch")
+    and bind it to `target` (checking hidden size and vocabulary)."""
     cfg = read_config(ckpt_dir, "draft")
+    if cfg.get("head_arch", "eagle") == eagle3.ARCH:
+        head = eagle3.head_from_config(cfg, str(Path(ckpt_dir) / "config.json")).bind(target)
+        head = load_weights(head, ckpt_dir, device=device, dtype=dtype).bind(target).eval()
+        head.check_vocab(str(ckpt_dir))
+        return head
+    if cfg.get("head_arch", "eagle") != "eagle":
+        raise FastEagleError(f"{Path(ckpt_dir) / 'config.json'}: unknown draft head_arch {cfg['head_arch']!r}")
     try:
         args = ModelArgs.from_dict(cfg["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -166,10 +178,14 @@ def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32) -> DraftHead
     return head.bind(target).eval()
 
 
-def save_draft(head: DraftHead, out_dir, extra: dict | None = None):
+def save_draft(head, out_dir, extra: dict | None = None):
     """Write a draft checkpoint that `load_draft` (and `generate --draft`) reads. `extra` goes into config.json
     (e.g. {"source": ..., "training": ...})."""
-    config = {"kind": "draft", "model": head.args.to_dict(), "fc_bias": head.fc.bias is not None,
-              "draft_vocab_size": 0 if head.draft_vocab is None else head.draft_vocab.shape[0], **(extra or {})}
+    if head.arch == eagle3.ARCH:
+        config = {"kind": "draft", **head.config(), **(extra or {})}
+    else:
+        n_vocab = 0 if head.draft_vocab is None else head.draft_vocab.shape[0]
+        config = {"kind": "draft", "head_arch": head.arch, "model": head.args.to_dict(),
+                  "fc_bias": head.fc.bias is not None, "draft_vocab_size": n_vocab, **(extra or {})}
     with atomic_output_dir(out_dir) as tmp:
         write_checkpoint(tmp, config, head.state_dict())

@@ -104,6 +104,7 @@ class SpecEngine:
         self.tree_kind = tree
         self.draft_temperature = draft_temperature
         self.policy = policy if draft is not None else None
+        self.taps = draft.taps if draft is not None else ()  # EAGLE-3: the target layers the head reads
         self.shape = None  # the dynamic tree's shape when fixed (None: AR, the static tree, or chosen by the policy)
         if draft is not None:
             if tree not in ("dynamic", "static"):
@@ -186,7 +187,7 @@ class SpecEngine:
         Tb = tokens.shape[1]  # also the key window: slots [0, Tb)
         pos = torch.arange(Tb, device=tokens.device)[None]
         zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
-        hidden = self.target(tokens, pos, zero, causal_mask(Tb, tokens.device), Tb)  # [1, Tb, dim]
+        hidden, feats = self._target(tokens, pos, zero, causal_mask(Tb, tokens.device), Tb)  # [1, Tb, dim]
         last = hidden[0].index_select(0, length - 1)  # [1, dim]
         first = choose_tokens(self.target.logits(last), params, race)  # [1]
         self.cache_len.copy_(length)
@@ -194,7 +195,7 @@ class SpecEngine:
         if self.draft is not None:
             # draft pairs (feature t, token t+1): tokens shifted left, the new token placed after the prompt
             nxt = torch.cat([tokens[0, 1:], tokens.new_zeros(1)]).scatter(0, length - 1, first)
-            out = self.draft(nxt[None], hidden, pos, zero, causal_mask(Tb, tokens.device), Tb)[0]
+            out = self.draft(nxt[None], feats, pos, zero, causal_mask(Tb, tokens.device), Tb)[0]
             self.root_out.copy_(out.index_select(0, length - 1)[0])
         return first
 
@@ -203,14 +204,22 @@ class SpecEngine:
         With a draft head (AR steps between rounds, chosen by the policy) the head extends by the pair (feature L,
         next token), as after a round, so that the next round drafts from an up-to-date state."""
         L = self.cache_len
-        hidden = self.target(self.root[None], L[None], L, causal_mask(1, L.device), window)
+        hidden, feats = self._target(self.root[None], L[None], L, causal_mask(1, L.device), window)
         nxt = choose_tokens(self.target.logits(hidden[0]), params, race)
         if self.draft is not None:
-            out = self.draft(nxt[None], hidden, L[None], L, causal_mask(1, L.device), window)[0]
+            out = self.draft(nxt[None], feats, L[None], L, causal_mask(1, L.device), window)[0]
             self.root_out.copy_(out[0])
         L.add_(1)
         self.root.copy_(nxt)
         return nxt
+
+    def _target(self, tokens, positions, L, mask, window):
+        """The target's forward: its final-normed hidden state and the draft's features (EAGLE-1/2: the same
+        tensor; EAGLE-3: the inputs of the head's tapped layers, concatenated)."""
+        if self.taps:
+            return self.target(tokens, positions, L, mask, window, self.taps)
+        hidden = self.target(tokens, positions, L, mask, window)
+        return hidden, hidden
 
     def _size(self, shape) -> int:
         """Verify width of a round with `shape` (None: the static tree)."""
@@ -228,13 +237,14 @@ class SpecEngine:
         else:
             tree = build_static_tree(self.draft, self.static_shape, root, self.root_out, L, self.draft_temperature,
                                      window)
-        hidden = self.target(tree.tokens[None], (L + tree.depth)[None], L, tree.mask, window)[0]  # [N, dim]
+        hidden, feats = self._target(tree.tokens[None], (L + tree.depth)[None], L, tree.mask, window)  # [1, N, dim]
+        hidden, feats = hidden[0], feats[0]
         choice = choose_tokens(self.target.logits(hidden), params, race)  # [N]
         accept_len, path, emitted = accept(tree, choice)
         P = path.shape[0]
         # draft extend on the accepted path: (target feature at path[d], the token that followed it)
         pos = L + torch.arange(P, device=L.device)
-        out = self.draft(emitted[None], hidden[path][None], pos[None], L, causal_mask(P, L.device), window)[0]
+        out = self.draft(emitted[None], feats[path][None], pos[None], L, causal_mask(P, L.device), window)[0]
         n = accept_len + 1
         if shape is None or shape.top_k > 1:  # a chain's accepted path is already in place: node d at slot L + d
             for cache in kv_caches(self.target):  # each layer owns its buffers (model.py)

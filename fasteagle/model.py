@@ -297,12 +297,14 @@ def visible_keys(cache_len: torch.Tensor, attn_mask: torch.Tensor, n_keys: int) 
 
 
 class Attention(FusedInput):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, in_dim: int | None = None):
+        """in_dim: the width q, k and v read (default args.dim; EAGLE-3's draft layer reads 2 * dim)."""
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        in_dim = in_dim or args.dim
+        self.wq = Linear(in_dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = Linear(in_dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = Linear(in_dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
         self.backend = "sdpa"
@@ -374,11 +376,13 @@ class Transformer(nn.Module):
     def setup_cache(self, max_seq_len: int, batch: int = 1, attn_backend: str = "sdpa"):
         setup_static_cache(self, max_seq_len, batch, attn_backend)
 
-    def forward(self, tokens, positions, cache_len, attn_mask, kv_len: int | None = None):
+    def forward(self, tokens, positions, cache_len, attn_mask, kv_len: int | None = None, taps: tuple = ()):
         """tokens, positions: [B, T] int64; cache_len: [B] int64; attn_mask: [T, W] or [B, T, W] bool, W >= T;
         kv_len: attend over slots [0, kv_len) only (>= cache_len + W; None: the whole cache).
-        Returns the final-normed hidden state [B, T, dim]."""
-        return self.norm(run_layers(self, self.embed(tokens), positions, cache_len, attn_mask, kv_len))
+        Returns the final-normed hidden state [B, T, dim]; with taps (layer indices, EAGLE-3's features) also the
+        residual stream entering those layers, concatenated in order: (hidden, [B, T, len(taps) * dim])."""
+        x = run_layers(self, self.embed(tokens), positions, cache_len, attn_mask, kv_len, taps)
+        return (self.norm(x[0]), x[1]) if taps else self.norm(x)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.output is None else self.output.weight
@@ -421,9 +425,11 @@ def kv_caches(model: nn.Module) -> list[KVCache]:
     return [layer.attn.kv_cache for layer in model.layers]
 
 
-def run_layers(model: nn.Module, x, positions, cache_len, attn_mask, kv_len: int | None = None):
+def run_layers(model: nn.Module, x, positions, cache_len, attn_mask, kv_len: int | None = None, taps: tuple = ()):
     """Run `model.layers` over x [B, T, dim] with the static cache; see the module docstring for the mask and kv_len
-    (clamped to the cache size, so that one window serves the target and the draft head's larger cache)."""
+    (clamped to the cache size, so that one window serves the target and the draft head's larger cache).
+    taps: also return the inputs of those layers (index n_layers: the last layer's output), concatenated in layer
+    order: (x, [B, T, len(taps) * dim])."""
     T, W = x.shape[1], attn_mask.shape[-1]
     # The T new tokens occupy the last T slots of the key block [cache_len, cache_len + W).
     slots = cache_len[:, None] + (W - T) + torch.arange(T, device=x.device)[None, :]
@@ -432,9 +438,14 @@ def run_layers(model: nn.Module, x, positions, cache_len, attn_mask, kv_len: int
     if visible is not None and x.device.type == "cpu":  # CPU SDPA runs faster on an additive mask (same result)
         visible = torch.zeros(visible.shape, dtype=x.dtype).masked_fill_(~visible, float("-inf"))
     cos_sin = model.rope[positions]
-    for layer in model.layers:
+    tapped = []
+    for i, layer in enumerate(model.layers):
+        if i in taps:
+            tapped.append(x)
         x = layer(x, cos_sin, slots, cache_len, attn_mask, visible)
-    return x
+    if len(model.layers) in taps:  # the stream after the last layer (before any final norm)
+        tapped.append(x)
+    return (x, torch.cat(tapped, -1)) if taps else x
 
 
 def causal_mask(T: int, device=None) -> torch.Tensor:

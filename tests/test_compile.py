@@ -2,7 +2,8 @@
 use: an AR and an EAGLE-2 engine in one process, ten prompt lengths over every prefill bucket, greedy and sampled
 runs with changing temperature / top-k / top-p, without reaching dynamo's recompile limit (fullgraph=True fails
 there); other prompt lengths in the same buckets and new sampling numbers reuse the compiled graphs. And compiled
-forwards write the KV cache in place: the generated code allocates no buffer the size of a layer's cache."""
+forwards write the KV cache in place: the generated code allocates no buffer the size of a layer's cache. An EAGLE-3
+head compiles into the same round and decodes exactly as in eager mode."""
 import math
 import random
 import re
@@ -72,3 +73,27 @@ def test_compiled_forwards_copy_no_cache_buffer(speculative):
              for shape in re.findall(r"empty_strided_\w+\(\(([^()]*)\)", code)]
     cache_numel = target.args.n_kv_heads * 1024 * target.args.head_dim
     assert sizes and max(sizes) < cache_numel, sorted(sizes)[-4:]
+
+
+def test_compiled_eagle3_equals_eager():
+    """An EAGLE-3 head (features from three target layers, its own draft vocabulary) in the compiled round."""
+    import torch
+
+    from fasteagle.eagle3 import Eagle3Head
+    from fasteagle.model import ModelArgs
+    from tiny import random_target
+
+    target = random_target(seed=3, vocab=32, n_layers=8, max_seq_len=128)
+    torch.manual_seed(4)
+    head = Eagle3Head(ModelArgs(**{**target.args.to_dict(), "n_layers": 1}), 12, (2, 4, 5)).eval()
+    head.draft_vocab.copy_(torch.randperm(32)[:12])
+    head.bind(target)
+    eager, compiled = (SpecEngine(target, head, compile=c, **TREE) for c in (False, True))
+    lens = Counter()
+    for i, params in enumerate([SamplingParams(), SAMPLED[0]]):
+        prompt = [(7 * i + 3 * j) % 32 for j in range(5 + 9 * i)]
+        ref = eager.generate(prompt, 16, params, seed=i)
+        out = compiled.generate(prompt, 16, params, seed=i)
+        assert (out.tokens, out.accept_lens) == (ref.tokens, ref.accept_lens), params
+        lens.update(out.accept_lens)
+    assert max(lens) > 1

@@ -16,14 +16,15 @@ Q(df/2, X^2/2) = torch.special.gammaincc (checked against known quantiles below,
 Configurations cover temperatures 0.7 / 0.8 / 1.0 / 1.3, top-k, top-p, both together, the dynamic (EAGLE-2,
 pruned) and a static (EAGLE-1) tree, a head built to agree with the target ("good") and a random one ("bad"), and
 draft temperatures 0.5 and 2 (the draft's temperature may change how much is accepted, never what is emitted), and
-the good head with a draft vocabulary of 5 of the 8 tokens (target samples outside it end the accepted path).
+the good head with a draft vocabulary of 5 of the 8 tokens (target samples outside it end the accepted path), and
+an EAGLE-3 head (random, over the same 5 tokens, fed the target's residual streams).
 Negative controls run the same test on the same configurations with a deliberately wrong acceptance rule patched
 into the engine (greedy acceptance: take a child whenever it is the target's argmax; and the bonus token drawn
 from the full p instead of the residual, i.e. rejection sampling without renormalising); both must be rejected,
 which shows the test has power.
 
 Speed: eager decoding costs ~2.5-3.5 ms of CPU per sample (one or two rounds; per-op overhead dominates at this
-size), ~6 CPU-minutes for the 6 x 20,000 samples, so they run in two worker processes (spawned, one thread each:
+size), ~7 CPU-minutes for the 8 x 20,000 samples, so they run in two worker processes (spawned, one thread each:
 the 2 cores CI has; the parent also runs single-threaded), in chunks, all submitted when the first statistical
 test starts. About 3 minutes on 2 otherwise idle cores.
 """
@@ -41,7 +42,8 @@ import fasteagle.engine as engine_mod
 from conftest import fe_greedy, fe_logits
 from fasteagle.engine import SpecEngine
 from fasteagle.errors import FastEagleError
-from fasteagle.model import Transformer
+from fasteagle.eagle3 import Eagle3Head
+from fasteagle.model import ModelArgs, Transformer
 from fasteagle.sampling import (DeviceParams, SamplingParams, choose_tokens, exponential_race, target_probs,
                                  warp_logits)
 from tiny import random_head, tiny_args, with_draft_vocab
@@ -64,6 +66,8 @@ CONFIGS = {
     "static-bad-T0.8-topk6-topp0.8": (STATIC, "bad", SamplingParams(0.8, top_k=6, top_p=0.8), 1.0, [2, 6, 1], None),
     # the good head drafting among 5 of the 8 tokens only: the target's samples outside them end the accepted path
     "dynamic-good-vocab5-T1": (DYNAMIC, "good-vocab", SamplingParams(1.0), 1.0, [1, 5, 2], None),
+    # an EAGLE-3 head (random; its own LM head over the same 5 tokens, features from the target's residual stream)
+    "dynamic-eagle3-T1.3-topp0.95": (DYNAMIC, "eagle3", SamplingParams(1.3, top_p=0.95), 1.0, [1, 5, 2], None),
 }
 DRAFT_VOCAB = [2, 5, 0, 7, 3]
 NEGATIVE = {
@@ -111,8 +115,19 @@ def weights_checksum(target, *heads) -> float:
     return sum(float(p.detach().double().sum()) for m in (target, *heads) for p in m.parameters())
 
 
+def eagle3_head(target):
+    """A random EAGLE-3 head drafting among DRAFT_VOCAB, reading the one-layer target's residual stream before and
+    after its layer (taps 0 and 1), deterministic."""
+    torch.manual_seed(3)
+    head = Eagle3Head(ModelArgs(**{**target.args.to_dict(), "n_layers": 1}), len(DRAFT_VOCAB), (0, 1)).eval()
+    head.draft_vocab.copy_(torch.tensor(DRAFT_VOCAB))
+    return head.bind(target)
+
+
 def make_engine(models, tree, head, draft_temperature):
     target, good, bad = models
+    if head == "eagle3":
+        return SpecEngine(target, eagle3_head(target), draft_temperature=draft_temperature, **tree)
     if head == "good-vocab":
         good = with_draft_vocab(good, target, DRAFT_VOCAB)
     return SpecEngine(target, good if head.startswith("good") else bad, draft_temperature=draft_temperature, **tree)

@@ -41,7 +41,7 @@ def accepted(tree, answer: torch.Tensor, L: int) -> int:
 @torch.no_grad()
 def replay(head, tokens: torch.Tensor, features: torch.Tensor, prompt_len: int, shapes) -> dict:
     """{shape: [emitted tokens per round]} of greedy EAGLE-2 runs of each shape, replayed against one greedy answer.
-    tokens [T]: prompt + answer; features [T, dim]: the target's feature of each token (generate_batch)."""
+    tokens [T]: prompt + answer; features [T, width]: the head's input feature of each token (generate_batch)."""
     T = tokens.shape[0]
     headroom = max(max(max(s.depth - 1, 1) * s.top_k for s in shapes), max(s.depth for s in shapes) + 1)
     head.setup_cache(T + headroom)
@@ -78,7 +78,7 @@ def calibrate(target, head, prompts: list[list[int]], max_new_tokens: int, eos_i
     with tqdm(total=len(prompts), desc="calibrate", unit="prompt") as bar:
         for i in range(0, len(prompts), batch_size):
             batch = prompts[i : i + batch_size]
-            for p, (toks, feats) in zip(batch, generate_batch(target, batch, max_new_tokens, eos_ids)):
+            for p, (toks, feats) in zip(batch, generate_batch(target, batch, max_new_tokens, eos_ids, head.taps)):
                 if toks.shape[0] - len(p) >= 2:  # an answer of one token leaves no round to replay
                     for s, l in replay(head, toks, feats, len(p), shapes).items():
                         lens[s] += l

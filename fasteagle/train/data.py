@@ -102,13 +102,23 @@ def _compact_cache(target, keep: torch.Tensor, max_seq_len: int):
 
 
 @torch.no_grad()
-def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_ids=()):
+def _forward(target, tokens, positions, cache_len, mask, taps):
+    """(final-normed hidden state, the draft's features): the same tensor unless taps (EAGLE-3)."""
+    if taps:
+        return target(tokens, positions, cache_len, mask, taps=taps)
+    hidden = target(tokens, positions, cache_len, mask)
+    return hidden, hidden
+
+
+def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), taps: tuple = ()):
     """Greedy answers for a batch of prompts, with the features of every token that went through the target.
 
     Rows are right-padded; each row's cache_len is its own length, so the pad junk in its cache is never visible.
     Finished rows are dropped from the batch once half of them are done. Returns one (tokens [N] int64,
     features [N, dim] fp32 with a zero last row) per prompt, N = prompt + answer length.
-    max_new_tokens = 0: no answers, the prompts' own features only (prefill; the last row is real then)."""
+    max_new_tokens = 0: no answers, the prompts' own features only (prefill; the last row is real then).
+    taps: the features are the inputs of those target layers, concatenated (an EAGLE-3 head's), [N, len(taps) * dim];
+    default: the final-normed hidden state (EAGLE-1/2)."""
     B, dev = len(prompts), target.embed.weight.device
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     Tp = int(lens.max())
@@ -118,8 +128,9 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_id
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
     pos = torch.arange(Tp, device=dev)[None].expand(B, Tp)
-    hidden = target(tokens, pos, torch.zeros(B, dtype=torch.long, device=dev), causal_mask(Tp, dev))
-    prompt_feats = [hidden[b, : len(p)].float().cpu() for b, p in enumerate(prompts)]
+    hidden, feats = _forward(target, tokens, pos, torch.zeros(B, dtype=torch.long, device=dev), causal_mask(Tp, dev),
+                             taps)
+    prompt_feats = [feats[b, : len(p)].float().cpu() for b, p in enumerate(prompts)]
     if max_new_tokens == 0:
         return [(torch.tensor(p, dtype=torch.long), f) for p, f in zip(prompts, prompt_feats)]
     nxt = target.logits(hidden[torch.arange(B, device=dev), lens - 1]).argmax(-1)  # [B]
@@ -141,8 +152,8 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_id
             keep = (~finished).nonzero()[:, 0]
             _compact_cache(target, keep, S)
             rows, nxt, cache_len, finished = rows[keep.cpu()], nxt[keep], cache_len[keep], finished[keep]
-        hidden = target(nxt[:, None], cache_len[:, None], cache_len, causal_mask(1, dev))[:, 0]  # [B', dim]
-        feats = hidden.float().cpu()
+        hidden, feats = _forward(target, nxt[:, None], cache_len[:, None], cache_len, causal_mask(1, dev), taps)
+        hidden, feats = hidden[:, 0], feats[:, 0].float().cpu()  # [B', dim], [B', feature width]
         for i, (b, f) in enumerate(zip(rows.tolist(), finished.tolist())):
             if not f:  # the feature of the answer token just fed
                 answer_feats[b].append(feats[i])
