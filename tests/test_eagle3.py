@@ -18,7 +18,7 @@ from fasteagle.eagle3 import Eagle3Head, default_taps
 from fasteagle.engine import SpecEngine
 from fasteagle.errors import FastEagleError
 from fasteagle.model import causal_mask
-from test_spec_greedy import prompts
+from test_spec_greedy import mid_round_stop, prompts
 from tiny import random_target
 
 DIM, VOCAB, HEADS, KV, FFN, LAYERS, EPS = 32, 16, 4, 2, 64, 8, 1e-6
@@ -182,28 +182,17 @@ def test_eagle3_greedy_equals_plain_greedy(converted, tree, shape):
         assert max(lens) >= 2, lens  # drafted tokens were accepted: the paths were exercised
 
 
-def long_round(target, head, prompt):
-    spec = SpecEngine(target, head, depth=4, top_k=8, total_tokens=40)
-    free = spec.generate(prompt, 60)
-    pos = 0
-    for n in free.accept_lens:
-        if n >= 3:
-            return spec, free, pos + 2  # index in free.tokens of the 2nd token of a round emitting >= 3
-        pos += n
-    pytest.fail(f"no round accepted 2+ drafted tokens: {free.accept_lens}")
-
-
 @pytest.mark.parametrize("stop", ["eos", "max_new_tokens"])
 def test_stops_inside_an_accepted_path(converted, stop):
     target, head, _ = converted
+    spec = SpecEngine(target, head, depth=4, top_k=8, total_tokens=40)
+    found = None
     for prompt in prompts(20, VOCAB, seed=11):
-        try:
-            spec, free, cut = long_round(target, head, prompt)
+        found = mid_round_stop(spec, prompt)
+        if found:
             break
-        except pytest.fail.Exception:
-            continue
-    else:
-        pytest.fail("no prompt gave a long round")
+    assert found, "no prompt gave a round emitting 3+ tokens"
+    free, cut = found
     if stop == "eos":
         eos = free.tokens[cut]
         first = free.tokens.index(eos)

@@ -88,16 +88,22 @@ def test_accepted_lengths_span_one_to_depth_plus_one(pairs):
     assert set(lens) == set(range(1, depth + 2)), lens
 
 
-def find_mid_round_stop(target, head, prompt):
-    """Run once without stops; return (round index, offset) positions where a cut lands inside an accepted path."""
-    spec = SpecEngine(target, head, depth=5, top_k=4, total_tokens=30)
+def mid_round_stop(spec, prompt):
+    """Run spec once without stops: (the result, an index of its tokens where a cut lands inside an accepted path),
+    or None when no round emitted 3 or more tokens."""
     free = spec.generate(prompt, 60)
     pos = 0
     for n in free.accept_lens:
         if n >= 3:
             return free, pos + 1 + 1  # index in free.tokens of the 2nd token of a round emitting >= 3 (+1: prefill)
         pos += n
-    raise AssertionError("no long round")
+    return None
+
+
+def find_mid_round_stop(target, head, prompt):
+    found = mid_round_stop(SpecEngine(target, head, depth=5, top_k=4, total_tokens=30), prompt)
+    assert found is not None, "no long round"
+    return found
 
 
 def test_eos_inside_accepted_path(pairs):
