@@ -113,14 +113,19 @@ class DraftHead(nn.Module):
     def forward(self, tokens, features, positions, cache_len, attn_mask, kv_len: int | None = None):
         """tokens, positions: [B, T]; features: [B, T, dim]; cache_len: [B]; attn_mask: [T, W]; kv_len: the key
         window (see model.py). Returns out [B, T, dim]."""
-        features = features.to(self.fc.weight.dtype)
         if self.attn_backend == "triton":  # one kernel: gather + concat + fc, the concat never materialised
             from fasteagle.kernels.draft_ops import fused_embed_fc
 
+            features = features.to(self.fc.weight.dtype)
             x = fused_embed_fc(tokens, features, self.embed_weight, self.fc.weight, self.fc.bias)
         else:
-            x = self.fc(torch.cat([nn.functional.embedding(tokens, self.embed_weight), features], -1))
+            x = self.layer_input(tokens, features)
         return run_layers(self, x, positions, cache_len, attn_mask, kv_len)
+
+    def layer_input(self, tokens, features):
+        """The decoder layer's input for (token, feature) pairs: fc([embedding; feature]) [B, T, dim]."""
+        features = features.to(self.fc.weight.dtype)
+        return self.fc(torch.cat([nn.functional.embedding(tokens, self.embed_weight), features], -1))
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(out, self.lm_head_weight).float()

@@ -101,11 +101,15 @@ class Eagle3Head(nn.Module):
         """tokens, positions: [B, T]; features: [B, T, len(taps) * dim] (the target's tapped residual streams) or
         [B, T, dim] (the head's own outputs, deeper tree levels); cache_len: [B]; attn_mask: [T, W]; kv_len: the
         key window (model.py). Returns out [B, T, dim] (before the head's final norm)."""
+        return run_layers(self, self.layer_input(tokens, features), positions, cache_len, attn_mask, kv_len)
+
+    def layer_input(self, tokens, features):
+        """The decoder layer's input [embedding; feature] [B, T, 2 * dim]; target features pass through fc first."""
         features = features.to(self.fc.weight.dtype)
         if features.shape[-1] != self.args.dim:
             features = self.fc(features)
         emb = nn.functional.embedding(tokens, self.embed_weight).to(features.dtype)
-        return run_layers(self, torch.cat([emb, features], -1), positions, cache_len, attn_mask, kv_len)
+        return torch.cat([emb, features], -1)
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [m, V_d] of out [m, dim] (model.Linear: int8 / packed on CPU when set up)."""

@@ -16,12 +16,14 @@ from fasteagle.errors import FastEagleError
 from fasteagle.model import causal_mask, rope_cache
 from fasteagle.train import data as data_mod
 from fasteagle.train.__main__ import main
-from fasteagle.train.data import gen_data, generate_batch, load_dataset, load_prompts, read_manifest
+from fasteagle.train.data import data_taps, gen_data, generate_batch, load_dataset, load_prompts, read_manifest
 from fasteagle.train.evaluate import evaluate_prompts, summarize
-from fasteagle.train.loop import TrainConfig, fit, new_head, split, train_forward, validate
+from fasteagle.train.forward import train_forward
+from fasteagle.train.loop import TrainConfig, fit, new_eagle3_head, new_head, split, validate
 from tiny import predictable_pair
 
 VOCAB, EOS, NEW = 64, 0, 48
+TAPS = (0, 1)  # EAGLE-3 heads here read the inputs of both target layers
 
 
 def rand_prompts(n, seed):
@@ -110,10 +112,20 @@ def test_gen_data_resumes(tmp_path, target, monkeypatch):
         gen_data(target, prompts, tmp_path / "cut", **{**kw, "max_new_tokens": 13})
 
 
-def test_train_forward_matches_cached_head(target):
-    head = new_head(target, seed=3)
+def make_head(target, arch, seed):
+    """A fresh EAGLE-1/2 head, or an EAGLE-3 head tapping both layers over a shuffled 40-token draft vocabulary,
+    and the width of the target features it reads."""
+    if arch == "eagle":
+        return new_head(target, seed=seed), 32
+    torch.manual_seed(seed)
+    return new_eagle3_head(target, TAPS, torch.randperm(VOCAB)[:40], seed=seed), 32 * len(TAPS)
+
+
+@pytest.mark.parametrize("arch", ["eagle", "eagle3"])
+def test_train_forward_matches_cached_head(target, arch):
+    head, width = make_head(target, arch, 3)
     B, T = 3, 20
-    tokens, feats = torch.randint(0, VOCAB, (B, T)), torch.randn(B, T, 32)
+    tokens, feats = torch.randint(0, VOCAB, (B, T)), torch.randn(B, T, width)
     (out,) = train_forward(head, tokens, feats, rope_cache(head.args, T))
     head.setup_cache(T)
     with torch.no_grad():
@@ -123,12 +135,13 @@ def test_train_forward_matches_cached_head(target):
             torch.testing.assert_close(out[b], ref[0], atol=1e-5, rtol=1e-5)
 
 
-def test_train_forward_deeper_steps_match_drafting(target):
+@pytest.mark.parametrize("arch", ["eagle", "eagle3"])
+def test_train_forward_deeper_steps_match_drafting(target, arch):
     """Step k of train_forward at pair t equals drafting k levels deep with the cached head: pairs 0..t-k+1 on
     real features, then k-1 single-token steps, each fed the previous step's output (as the draft tree does)."""
-    head = new_head(target, seed=4)
+    head, width = make_head(target, arch, 4)
     T, steps = 12, 3
-    tokens, feats = torch.randint(0, VOCAB, (1, T)), torch.randn(1, T, 32)
+    tokens, feats = torch.randint(0, VOCAB, (1, T)), torch.randn(1, T, width)
     with torch.no_grad():
         outs = train_forward(head, tokens, feats, rope_cache(head.args, T), steps=steps)
         for k in range(2, steps + 1):
@@ -259,3 +272,87 @@ def test_prompt_only_data_and_all_positions(target, data_dir, tmp_path):
     assert summary["train_tokens"] > summary["train_answer_tokens"]
     with pytest.raises(FastEagleError, match="with answers"):
         fit(target, tmp_path / "p", tmp_path / "head2", cfg, progress=False)
+
+
+# --- EAGLE-3 ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data3_dir(tmp_path_factory, target):
+    d = tmp_path_factory.mktemp("train3") / "data"
+    gen_data(target, rand_prompts(256, 0), d, max_new_tokens=NEW, batch_size=32, eos_ids=[EOS], taps=TAPS,
+             progress=False)
+    return d
+
+
+def test_eagle3_data_taps_layers_and_keeps_the_hidden_state(target, data_dir, data3_dir):
+    """EAGLE-3 data: the inputs of the tapped layers, then the final-normed hidden state (what EAGLE-1/2 data
+    holds alone); the same tokens as EAGLE-1/2 data of the same prompts."""
+    assert read_manifest(data3_dir)["settings"]["taps"] == list(TAPS) and data_taps(data3_dir) == TAPS
+    assert data_taps(data_dir) == ()
+    with pytest.raises(FastEagleError, match="different target layers"):
+        data_taps([data_dir, data3_dir])
+    plain, tapped = load_dataset(data_dir), load_dataset(data3_dir)
+    assert [s.tokens.tolist() for s in plain] == [s.tokens.tolist() for s in tapped]
+    for a, b in zip(plain[:5], tapped[:5]):
+        assert b.features.shape == (len(b.tokens), 32 * (len(TAPS) + 1))
+        torch.testing.assert_close(b.features[:, -32:], a.features, atol=0, rtol=0)
+        N = len(b.tokens)
+        with torch.no_grad():
+            target.setup_cache(N)
+            _, ref = target(b.tokens[None], torch.arange(N)[None], torch.zeros(1, dtype=torch.long), causal_mask(N),
+                            taps=TAPS)
+        torch.testing.assert_close(b.features[:-1, :-32].float(), ref[0, :-1], atol=2e-3, rtol=2e-3)  # fp16
+
+
+def test_fit_eagle3_head(target, data3_dir, tmp_path):
+    """An EAGLE-3 head trained with training-time test over a draft vocabulary smaller than the target's: loads as
+    an EAGLE-3 head, guesses far better than an untrained one, and its greedy drafts stay lossless (target choices
+    outside the draft vocabulary included)."""
+    cfg = TrainConfig(steps=300, lr=3e-3, warmup=20, batch_tokens=2048, eval_every=150, ckpt_every=0, arch="eagle3",
+                      draft_vocab_size=48, ttt_steps=2, noise=0.0)
+    summary = fit(target, data3_dir, tmp_path / "head", cfg, progress=False)
+    head = load_draft(tmp_path / "head", target)
+    assert head.arch == "eagle3" and head.taps == TAPS and summary["ce_vocab_size"] == 48
+    vocab = head.draft_vocab.tolist()
+    assert EOS in vocab and len(set(vocab)) == 48
+    train, val = split(load_dataset(data3_dir), cfg)
+    counts = torch.bincount(torch.cat([s.tokens[s.prompt_len :] for s in train]), minlength=VOCAB)
+    assert vocab[0] == EOS  # always in it (rare here: most answers run to the length limit), then by frequency
+    assert counts[vocab[1:]].min() >= counts[[i for i in range(VOCAB) if i not in vocab]].max()
+    rope = rope_cache(head.args, cfg.max_len + 1)
+    untrained = new_eagle3_head(target, TAPS, head.draft_vocab, seed=0).eval()
+    acc_t, acc_u = validate(head, val, rope, cfg)["acc"], validate(untrained, val, rope, cfg)["acc"]
+    assert acc_t == pytest.approx(summary["val_acc"])
+    assert acc_u < 0.3 and acc_t > 0.6, (acc_u, acc_t)
+    items = [{"question_id": i, "category": "c", "ids": p} for i, p in enumerate(rand_prompts(6, 99))]
+    results = evaluate_prompts(target, head, items, max_new_tokens=NEW, eos_ids=[EOS], ar_cache=tmp_path / "ar.jsonl",
+                               progress=False)
+    s = summarize(results)
+    assert s["all_equal"] and s["tau"] > 2.0, s
+    emitted = {t for line in (tmp_path / "ar.jsonl").read_text().splitlines() for t in json.loads(line)["tokens"]}
+    assert emitted - set(vocab)  # the target chose tokens the draft could not propose
+
+
+def test_cli_eagle3_arch_checks(target, data_dir, data3_dir, tmp_path, capsys):
+    ckpt = tmp_path / "target"
+    ckpt.mkdir()
+    write_checkpoint(ckpt, {"kind": "target", "model": target.args.to_dict()}, target.state_dict())
+    fit_cmd = ["fit", "--checkpoint", str(ckpt), "--out", str(tmp_path / "h"), "--steps", "3", "--eval-every", "0",
+               "--ckpt-every", "0", "--device", "cpu"]
+    assert main(fit_cmd + ["--data", str(data_dir), "--arch", "eagle3"]) == 1
+    assert "--arch eagle3" in capsys.readouterr().err
+    assert main(fit_cmd + ["--data", str(data3_dir)]) == 1
+    assert "taps layers [0, 1]" in capsys.readouterr().err
+    assert main(fit_cmd + ["--data", str(data3_dir), "--arch", "eagle3", "--draft-vocab-size", "16"]) == 0
+    assert load_draft(tmp_path / "h", target).draft_vocab.shape == (16,)
+    capsys.readouterr()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"turns": ["hello there"]}) + "\n")
+    gen = ["gen-data", "--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "d")]
+    for bad, msg in ((["--arch", "eagle3", "--taps", "1,0"], "increasing order"), (["--arch", "eagle3", "--taps", "x"],
+                     "comma-separated"), (["--taps", "0,1"], "--taps is for --arch eagle3"),
+                     (["--arch", "eagle3", "--taps", "0,3"], "within 0..2")):
+        assert main(gen + bad) == 1
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -1,7 +1,9 @@
-"""python -m fasteagle.train {gen-data, fit, eval, all} -- train an EAGLE-1/2 draft head for a target.
+"""python -m fasteagle.train {gen-data, fit, eval, all} -- train an EAGLE-1/2 or EAGLE-3 draft head for a target.
 
   gen-data  --checkpoint DIR --prompts FILE... --out DATA_DIR [--max-new-tokens 256 --batch-size 32 --limit K]
+            [--arch eagle3 [--taps 2,15,27]]
   fit       --checkpoint DIR --data DATA_DIR --out HEAD_DIR [--steps 2000 --lr 5e-4 --resume]
+            [--arch eagle3 --draft-vocab-size 16384 --ttt-steps 7]
   eval      --checkpoint DIR --draft HEAD_DIR --questions question.jsonl [--max-new-tokens 256]
             [--depth 6 --tree-top-k 10 --total-tokens 60]
   vocab     --checkpoint DIR --draft HEAD_DIR --out NEW_HEAD_DIR (--data DATA_DIR... | --text FILE...) [--size 16384]
@@ -44,16 +46,37 @@ def cmd_gen_data(args):
         prompts = prompts[: args.limit]
     if not prompts:
         raise FastEagleError("no prompts to answer")
+    target, cfg = _load_target(args)
+    taps = _taps(args, target)
     tok = load_tokenizer(args.checkpoint)
     ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-    target, cfg = _load_target(args)
     manifest = gen_data(target, ids, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        eos_ids=tok.eos_ids, max_prompt_tokens=args.max_prompt_tokens,
+                        eos_ids=tok.eos_ids, max_prompt_tokens=args.max_prompt_tokens, taps=taps,
                         source={"checkpoint": str(args.checkpoint), "prompts": [str(p) for p in args.prompts],
                                 "limit": args.limit, "dtype": args.dtype})
     n_ans = sum(s["n_answer_tokens"] for s in manifest["shards"])
     print(f"{args.out}: {sum(len(s['prompt_indices']) for s in manifest['shards'])} answers, {n_ans} answer tokens "
           f"({manifest['n_skipped_long']} prompts over {args.max_prompt_tokens} tokens skipped)")
+
+
+def _taps(args, target) -> tuple:
+    """The target layers EAGLE-3 data taps: --taps, or the reference's low / mid / high layers."""
+    if args.arch != "eagle3":
+        if args.taps:
+            raise FastEagleError("--taps is for --arch eagle3")
+        return ()
+    from fasteagle.eagle3 import default_taps
+
+    if not args.taps:
+        return default_taps(target.args.n_layers)
+    try:
+        taps = tuple(int(x) for x in args.taps.split(","))
+    except ValueError:
+        raise FastEagleError(f"--taps {args.taps!r}: expected comma-separated layer indices, e.g. 2,15,27") from None
+    if len(taps) < 2 or list(taps) != sorted(set(taps)) or not all(0 <= t <= target.args.n_layers for t in taps):
+        raise FastEagleError(f"--taps {args.taps}: two or more distinct layers in increasing order, within "
+                             f"0..{target.args.n_layers}")
+    return taps
 
 
 def cmd_fit(args):
@@ -62,11 +85,16 @@ def cmd_fit(args):
     target, _ = _load_target(args)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, batch_tokens=args.batch_tokens,
                       max_len=args.max_len, val_frac=args.val_frac, ckpt_every=args.ckpt_every,
-                      eval_every=args.eval_every, noise=args.noise, ce_weight=args.ce_weight, ce_vocab=args.ce_vocab,
+                      eval_every=args.eval_every, noise=_noise(args), ce_weight=args.ce_weight, ce_vocab=args.ce_vocab,
                       seed=args.seed, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                      save_dtype=args.save_dtype, loss_positions=args.loss_positions, ttt_steps=args.ttt_steps)
+                      save_dtype=args.save_dtype, loss_positions=args.loss_positions, ttt_steps=args.ttt_steps,
+                      arch=args.arch, draft_vocab_size=args.draft_vocab_size)
     fit(target, args.data, args.out, cfg, resume=args.resume, state_dir=args.state_dir, stop_at=args.stop_at,
         init=args.init, source={"checkpoint": str(args.checkpoint)})
+
+
+def _noise(args) -> float:
+    return args.noise if args.noise is not None else (0.0 if args.arch == "eagle3" else 0.2)
 
 
 def cmd_eval(args):
@@ -162,7 +190,8 @@ def main(argv=None) -> int:
         sp.add_argument("--val-frac", type=float, default=0.05, help="held-out share of the sequences")
         sp.add_argument("--ckpt-every", type=int, default=200, help="save the training state every N steps")
         sp.add_argument("--eval-every", type=int, default=500, help="validate every N steps")
-        sp.add_argument("--noise", type=float, default=0.2, help="input features get U(-noise/2, noise/2) noise")
+        sp.add_argument("--noise", type=float, default=None, help="input features get U(-noise/2, noise/2) noise "
+                        "(default 0.2; EAGLE-3: 0, as its reference trains)")
         sp.add_argument("--ce-weight", type=float, default=0.1, help="weight of the soft cross-entropy")
         sp.add_argument("--ce-vocab", choices=["data", "full"], default="data",
                         help="soft CE over the token ids seen in the training data (cheap) or the full vocabulary")
@@ -175,6 +204,8 @@ def main(argv=None) -> int:
         sp.add_argument("--ttt-steps", type=int, default=1,
                         help="drafting steps simulated in training: k > 1 also trains the head on its own predicted "
                              "features, k levels deep (training-time test; ~k times the compute; default 1)")
+        sp.add_argument("--draft-vocab-size", type=int, default=16384,
+                        help="EAGLE-3: the head's vocabulary, the most frequent answer tokens (default %(default)s)")
         sp.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the written head's weights (default %(default)s)")
         sp.add_argument("--init", default=None, help="start from this draft head (fine-tuning) instead of random "
@@ -182,6 +213,14 @@ def main(argv=None) -> int:
         sp.add_argument("--resume", action="store_true", help="continue from the training state in --state-dir")
         sp.add_argument("--state-dir", default=None, help="training state (default: HEAD_DIR + '.state')")
         sp.add_argument("--stop-at", type=int, default=None, help="save the state and stop after this many steps")
+
+    def arch_args(sp, gen: bool):
+        sp.add_argument("--arch", choices=["eagle", "eagle3"], default="eagle",
+                        help="head architecture: eagle (EAGLE-1/2, the default) or eagle3 (its data taps target "
+                             "layers)")
+        if gen:
+            sp.add_argument("--taps", default=None, help="EAGLE-3: the target layers whose inputs are the features, "
+                            "comma-separated (default: the reference's 2, n_layers // 2, n_layers - 3)")
 
     def eval_args(sp, draft: bool):
         if draft:
@@ -208,6 +247,7 @@ def main(argv=None) -> int:
     sp = sub.add_parser("gen-data", help="the target answers prompts; tokens + features are written as shards")
     common(sp)
     gen_args(sp)
+    arch_args(sp, gen=True)
     sp.add_argument("--out", required=True, help="data directory (resumed if it holds a manifest)")
     sp.set_defaults(fn=cmd_gen_data)
 
@@ -216,6 +256,7 @@ def main(argv=None) -> int:
     sp.add_argument("--data", required=True, nargs="+", help="one or more data directories from gen-data")
     sp.add_argument("--out", required=True, help="draft head directory (written at the end)")
     fit_args(sp)
+    arch_args(sp, gen=False)
     sp.set_defaults(fn=cmd_fit)
 
     sp = sub.add_parser("eval", help="EAGLE-2 greedy tau on MT-bench first turns (+ check spec == AR)")
@@ -251,6 +292,7 @@ def main(argv=None) -> int:
     sp.add_argument("--data", required=True)
     sp.add_argument("--out", required=True, help="draft head directory")
     fit_args(sp)
+    arch_args(sp, gen=True)
     eval_args(sp, draft=False)
     sp.set_defaults(fn=None)
 

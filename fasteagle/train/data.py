@@ -8,7 +8,9 @@ On disk (DATA_DIR):
   shard-00000.safetensors, ...   one per generation batch:
       tokens      int32 [N]          all sequences of the shard concatenated (prompt + answer, EOS included)
       features    fp16  [N, dim]     features[i] = the target's final-normed last hidden state at token i
-                                     (the LM-head input); the last token of each sequence has no feature (zeros)
+                                     (the LM-head input); the last token of each sequence has no feature (zeros).
+                                     EAGLE-3 data (settings "taps"): [N, (len(taps) + 1) * dim], the inputs of
+                                     the tapped layers, then the final-normed hidden state
       offsets     int64 [n_seq + 1]  sequence s is tokens[offsets[s]:offsets[s + 1]]
       prompt_lens int32 [n_seq]      the first prompt_lens[s] tokens of a sequence are the prompt
 A run is resumable: batches whose shard is listed in the manifest are skipped.
@@ -102,15 +104,18 @@ def _compact_cache(target, keep: torch.Tensor, max_seq_len: int):
 
 
 @torch.no_grad()
-def _forward(target, tokens, positions, cache_len, mask, taps):
-    """(final-normed hidden state, the draft's features): the same tensor unless taps (EAGLE-3)."""
+def _forward(target, tokens, positions, cache_len, mask, taps, final=False):
+    """(final-normed hidden state, the draft's features): the same tensor unless taps (EAGLE-3; final: the hidden
+    state appended to the tapped streams)."""
     if taps:
-        return target(tokens, positions, cache_len, mask, taps=taps)
+        hidden, tapped = target(tokens, positions, cache_len, mask, taps=taps)
+        return hidden, torch.cat([tapped, hidden], -1) if final else tapped
     hidden = target(tokens, positions, cache_len, mask)
     return hidden, hidden
 
 
-def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), taps: tuple = ()):
+def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), taps: tuple = (),
+                   final: bool = False):
     """Greedy answers for a batch of prompts, with the features of every token that went through the target.
 
     Rows are right-padded; each row's cache_len is its own length, so the pad junk in its cache is never visible.
@@ -118,7 +123,8 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_id
     features [N, dim] fp32 with a zero last row) per prompt, N = prompt + answer length.
     max_new_tokens = 0: no answers, the prompts' own features only (prefill; the last row is real then).
     taps: the features are the inputs of those target layers, concatenated (an EAGLE-3 head's), [N, len(taps) * dim];
-    default: the final-normed hidden state (EAGLE-1/2)."""
+    default: the final-normed hidden state (EAGLE-1/2). final (with taps): the final-normed hidden state is appended
+    after them, [N, (len(taps) + 1) * dim] (EAGLE-3 training data: the target's distribution comes from it)."""
     B, dev = len(prompts), target.embed.weight.device
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     Tp = int(lens.max())
@@ -129,7 +135,7 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_id
         tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
     pos = torch.arange(Tp, device=dev)[None].expand(B, Tp)
     hidden, feats = _forward(target, tokens, pos, torch.zeros(B, dtype=torch.long, device=dev), causal_mask(Tp, dev),
-                             taps)
+                             taps, final)
     prompt_feats = [feats[b, : len(p)].float().cpu() for b, p in enumerate(prompts)]
     if max_new_tokens == 0:
         return [(torch.tensor(p, dtype=torch.long), f) for p, f in zip(prompts, prompt_feats)]
@@ -152,7 +158,7 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos_id
             keep = (~finished).nonzero()[:, 0]
             _compact_cache(target, keep, S)
             rows, nxt, cache_len, finished = rows[keep.cpu()], nxt[keep], cache_len[keep], finished[keep]
-        hidden, feats = _forward(target, nxt[:, None], cache_len[:, None], cache_len, causal_mask(1, dev), taps)
+        hidden, feats = _forward(target, nxt[:, None], cache_len[:, None], cache_len, causal_mask(1, dev), taps, final)
         hidden, feats = hidden[:, 0], feats[:, 0].float().cpu()  # [B', dim], [B', feature width]
         for i, (b, f) in enumerate(zip(rows.tolist(), finished.tolist())):
             if not f:  # the feature of the answer token just fed
@@ -197,12 +203,13 @@ def _fingerprint(obj) -> str:
 
 
 def gen_data(target, prompt_ids: list[list[int]], out_dir, *, max_new_tokens: int, batch_size: int, eos_ids=(),
-             max_prompt_tokens: int = 512, source: dict | None = None, progress: bool = True) -> dict:
+             max_prompt_tokens: int = 512, taps: tuple = (), source: dict | None = None, progress: bool = True) -> dict:
     """Generate (or resume generating) a training set from tokenized prompts. Returns the manifest.
 
     Prompts longer than max_prompt_tokens are skipped (their cost is prefill, not training signal); batch i of
     the plan becomes shard i. max_new_tokens = 0 keeps only the prompts' features (teacher-forced text, no
-    self-distilled answers: for fit's loss_positions="all")."""
+    self-distilled answers: for fit's loss_positions="all"). taps: EAGLE-3 data, the features are the inputs of
+    those target layers and the final-normed hidden state, concatenated ([N, (len(taps) + 1) * dim])."""
     if max_new_tokens < 0 or batch_size < 1:
         raise FastEagleError("max-new-tokens must be >= 0 and batch-size >= 1")
     out_dir = Path(out_dir)
@@ -216,7 +223,7 @@ def gen_data(target, prompt_ids: list[list[int]], out_dir, *, max_new_tokens: in
     batches = [keep[i : i + batch_size] for i in range(0, len(keep), batch_size)]
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "eos_ids": sorted(set(eos_ids)),
                 "max_prompt_tokens": max_prompt_tokens, "dim": target.args.dim, "vocab_size": target.args.vocab_size,
-                "prompts": _fingerprint(prompt_ids)}
+                "prompts": _fingerprint(prompt_ids), **({"taps": list(taps)} if taps else {})}
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
         manifest = read_manifest(out_dir)
@@ -238,7 +245,7 @@ def gen_data(target, prompt_ids: list[list[int]], out_dir, *, max_new_tokens: in
                disable=not progress, dynamic_ncols=True)
     for b in todo:
         idx = batches[b]
-        seqs = generate_batch(target, [prompt_ids[i] for i in idx], max_new_tokens, eos_ids)
+        seqs = generate_batch(target, [prompt_ids[i] for i in idx], max_new_tokens, eos_ids, taps, final=bool(taps))
         name = f"shard-{b:05d}.safetensors"
         n_tok = write_shard(out_dir / name, seqs, [len(prompt_ids[i]) for i in idx])
         n_ans = sum(len(t) - len(prompt_ids[i]) for (t, _), i in zip(seqs, idx))
@@ -270,7 +277,7 @@ def read_manifest(data_dir) -> dict:
 @dataclass
 class Sequence:
     tokens: torch.Tensor  # [N] int64
-    features: torch.Tensor  # [N, dim] fp16 (last row unused)
+    features: torch.Tensor  # [N, dim] fp16 (last row unused); EAGLE-3 data: [N, (len(taps) + 1) * dim]
     prompt_len: int
 
 
@@ -311,3 +318,12 @@ def _load_dir(data_dir, dim: int | None) -> list[Sequence]:
             seqs.append(Sequence(t["tokens"][off[s] : off[s + 1]].long(), t["features"][off[s] : off[s + 1]],
                                  int(t["prompt_lens"][s])))
     return seqs
+
+
+def data_taps(data_dirs) -> tuple[int, ...]:
+    """The target layers the data's features tap (EAGLE-3 data; () for EAGLE-1/2 data), the same in every directory."""
+    dirs = data_dirs if isinstance(data_dirs, (list, tuple)) else [data_dirs]
+    found = {tuple(read_manifest(d)["settings"].get("taps", ())) for d in dirs}
+    if len(found) > 1:
+        raise FastEagleError(f"the data directories tap different target layers ({sorted(found)}); train on one kind")
+    return found.pop()

@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import os
-import time
 from collections import defaultdict
 from pathlib import Path
 

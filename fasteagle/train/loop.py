@@ -1,4 +1,4 @@
-"""The EAGLE training loop for an EAGLE-1/2 draft head.
+"""The EAGLE training loop for an EAGLE-1/2 or EAGLE-3 draft head.
 
 For a sequence x[0..N) with target features f[0..N-1) (f[t] = final-normed last hidden state at token t):
 
@@ -11,16 +11,20 @@ features, as in the EAGLE reference, makes the head robust to its own (imperfect
 ttt_steps = k > 1 goes further (training-time test, HASS / EAGLE-3): the loss also covers steps 2..k, where the
 head's input is its own previous prediction and its attention sees what it would see k levels deep in the tree.
 
+EAGLE-3 (arch="eagle3", on data generated with taps): the head reads fc(the tapped layers' inputs at token t) and
+predicts token t+2 over its own draft vocabulary (the draft_vocab_size most frequent answer tokens); the loss is
+the soft CE against the target's distribution restricted to that vocabulary, at positions whose target token is in
+it, summed over ttt_steps steps (0.8^(k-1)), as in the reference; no feature regression (eagle3_loss).
+
 The soft CE costs two LM-head products per token (the head itself is ~4M parameters; SmolLM2's LM head is 28M):
 with ce_vocab="data" both are restricted to the token ids that occur in the training data (W's rows for those ids
 only, a documented approximation; the data's labels are all inside it), ce_vocab="full" uses every row.
 Validation accuracy always uses the full vocabulary: argmax of the LM head over the head's output == the target's
 greedy next token x[t+2].
 
-The head is trained with its own cache-free forward (`train_forward`: the same submodules as DraftHead.forward,
-plain causal SDPA) so autograd never meets the static KV cache's in-place writes.
+The head is trained through its own decoder layer (`forward.train_forward`: the layer as at inference, its KV cache
+swapped for per-step keys), so autograd never meets the static KV cache's in-place writes.
 """
-import json
 import math
 import os
 import time
@@ -32,9 +36,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fasteagle.draft import DraftHead, load_draft, save_draft
+from fasteagle.eagle3 import Eagle3Head
 from fasteagle.errors import FastEagleError
-from fasteagle.model import ModelArgs, apply_rope, rope_cache
-from fasteagle.train.data import load_dataset, read_manifest
+from fasteagle.model import ModelArgs, rope_cache
+from fasteagle.train.forward import train_forward
+from fasteagle.train.data import data_taps, load_dataset, read_manifest
+from fasteagle.train.vocab import counts_from_sequences, draft_vocab
 
 STATE = "state.pt"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,6 +68,8 @@ class TrainConfig:
     loss_positions: str = "answer"  # "answer": the self-distilled answers only; "all": every position (prompts too)
     save_dtype: str = "float32"  # dtype of the written head's weights (float16 halves the file; loads into any dtype)
     ttt_steps: int = 1  # drafting steps simulated in training (1 = the EAGLE objective; see train_forward)
+    arch: str = "eagle"  # "eagle" (EAGLE-1/2) | "eagle3" (needs data generated with taps)
+    draft_vocab_size: int = 16384  # EAGLE-3: the head's own vocabulary, the most frequent tokens of the answers
 
 
 def new_head(target, seed: int = 0) -> DraftHead:
@@ -71,46 +80,18 @@ def new_head(target, seed: int = 0) -> DraftHead:
     return DraftHead(args, fc_bias=True).to(dev).bind(target)
 
 
-def train_forward(head: DraftHead, tokens, features, rope, steps: int = 1) -> list:
-    """Cache-free DraftHead.forward over whole sequences: tokens [B, T], features [B, T, dim] -> [out [B, T, dim]]
-    per drafting step. rope: rope_cache(head.args, >= T) on the head's device. Position t of every row is t.
-
-    Pair t = (feature of token t, token t+1); the head's output at pair t predicts the feature of token t+1.
-    Step 1 is the head on the target's features, as in the plain EAGLE objective. Step k > 1 simulates drafting
-    k levels deep (training-time test, as in HASS / EAGLE-3): pair t's feature is the head's own step k-1
-    prediction from pair t-1, and pair t attends to what it would see in the tree at depth k: the step-1 keys of
-    pairs 0..t-k+1 (the accepted context, real features) and the step-i keys of pair t-k+i for i = 2..k (its
-    drafted ancestors and itself). Row t < k-1 of step k has no such past and is meaningless (masked by the loss)."""
-    B, T = tokens.shape
-    layer = head.layers[0]
-    attn = layer.attn
-    rep = attn.n_heads // attn.n_kv_heads
-    cos_sin = rope[:T][None].expand(B, T, *rope.shape[1:])
-    emb = F.embedding(tokens, head.embed_weight)
-    outs, keys, values = [], [], []
-    t = torch.arange(T, device=tokens.device)
-    for k in range(1, steps + 1):
-        if k > 1:  # pair t takes the prediction made at pair t-1; row 0 gets a zero feature (masked)
-            features = F.pad(outs[-1][:, :-1], (0, 0, 1, 0))
-        x = head.fc(torch.cat([emb, features.to(head.fc.weight.dtype)], -1))
-        h = layer.attn_norm(x)
-        q = attn.wq(h).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-        kk = attn.wk(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.wv(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-        q, kk = apply_rope(q, cos_sin), apply_rope(kk, cos_sin)
-        if rep > 1:  # repeat K/V heads (enable_gqa is not in every torch this runs on)
-            kk, v = kk.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        keys.append(kk)
-        values.append(v)
-        if k == 1:
-            o = F.scaled_dot_product_attention(q, kk, v, is_causal=True)
-        else:  # [T, k*T] mask over the keys of steps 1..k
-            blocks = [t[None, :] <= t[:, None] - k + 1] + [t[None, :] == t[:, None] - k + i for i in range(2, k + 1)]
-            o = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2),
-                                               attn_mask=torch.cat(blocks, 1))
-        x = x + attn.wo(o.transpose(1, 2).reshape(B, T, -1))
-        outs.append(x + layer.mlp(layer.mlp_norm(x)))
-    return outs
+def new_eagle3_head(target, taps, vocab: torch.Tensor, seed: int = 0) -> Eagle3Head:
+    """A freshly initialised EAGLE-3 head for `target` reading layers `taps`, over the draft vocabulary `vocab`
+    (target ids), bound to it. Its LM head and final norm start as the target's (those rows of its LM head): the
+    head then starts out predicting what the target would from the head's output."""
+    torch.manual_seed(seed)
+    args = ModelArgs.from_dict({**target.args.to_dict(), "n_layers": 1})
+    head = Eagle3Head(args, len(vocab), taps)
+    with torch.no_grad():
+        head.draft_vocab.copy_(vocab)
+        head.lm_head.weight.copy_(target.lm_head_weight().detach()[vocab.to(target.embed.weight.device)].float())
+        head.norm.weight.copy_(target.norm.weight.detach().float())
+    return head.to(target.embed.weight.device).bind(target)
 
 
 # --- batches ---------------------------------------------------------------------------------------------------------
@@ -170,13 +151,26 @@ def epoch_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int) 
 # --- loss and validation ---------------------------------------------------------------------------------------------
 
 
+def split_batch(head, batch):
+    """EAGLE-3 data carries the final-normed hidden state after the tapped streams: the head reads the streams,
+    the loss the hidden state. Returns (tokens, input features, target hidden state of token t+1, labels, mask)."""
+    if head.arch != "eagle3":
+        return batch
+    tokens, feats, target, labels, mask = batch
+    dim = head.args.dim
+    return tokens, feats[..., :-dim], target[..., -dim:], labels, mask
+
+
+def _noisy(feats, cfg: TrainConfig, noise: bool):
+    return feats + (torch.rand_like(feats) - 0.5) * cfg.noise if noise and cfg.noise > 0 else feats
+
+
 def head_loss(head, batch, rope, lm_w, cfg: TrainConfig, noise: bool):
-    """Returns (loss, vloss, ploss, n positions, correct top-1 over lm_w's rows vs the target's argmax), the last
-    four for step 1. With cfg.ttt_steps > 1 the loss adds step k's (weighted 0.8^(k-1)) at the positions it has."""
+    """EAGLE-1/2. Returns (loss, vloss, ploss, n positions, correct top-1 over lm_w's rows vs the target's argmax),
+    the last four for step 1. With cfg.ttt_steps > 1 the loss adds step k's (weighted 0.8^(k-1)) at the positions
+    it has."""
     tokens, feats, target, _, mask = batch
-    if noise and cfg.noise > 0:
-        feats = feats + (torch.rand_like(feats) - 0.5) * cfg.noise
-    outs = train_forward(head, tokens, feats, rope, cfg.ttt_steps)
+    outs = train_forward(head, tokens, _noisy(feats, cfg, noise), rope, cfg.ttt_steps)
     loss = 0.0
     for k, out in enumerate(outs, 1):
         m = mask.clone()
@@ -195,12 +189,47 @@ def head_loss(head, batch, rope, lm_w, cfg: TrainConfig, noise: bool):
     return loss, vloss, ploss, n, correct
 
 
+def eagle3_loss(head, batch, rope, lm_w, in_vocab, cfg: TrainConfig, noise: bool):
+    """EAGLE-3 (the reference's objective): soft cross-entropy of the head's draft-vocabulary distribution against
+    the target's, restricted to the draft vocabulary (lm_w: those rows of the target's LM head) and renormalised
+    there, at the positions whose target token (the label: the target's greedy choice at answer positions) is
+    in the draft vocabulary (in_vocab: [vocab_size] bool). Steps k = 1..ttt_steps weigh 0.8^(k-1). Returns
+    (loss, None, step-1 ploss, n positions, correct top-1 vs the target's restricted argmax)."""
+    tokens, feats, target, labels, mask = batch
+    outs = train_forward(head, tokens, _noisy(feats, cfg, noise), rope, cfg.ttt_steps)
+    mask = mask & in_vocab[labels]
+    loss, ploss, n, correct = 0.0, None, 0, torch.zeros((), dtype=torch.long)
+    for k, out in enumerate(outs, 1):
+        m = mask.clone()
+        m[:, : k - 1] = False
+        if not bool(m.any()):
+            continue
+        with torch.no_grad():
+            p = torch.softmax(target[m] @ lm_w.t(), -1)
+        logits = head.logits(out[m])
+        ploss_k = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
+        loss = loss + 0.8 ** (k - 1) * ploss_k
+        if k == 1:
+            ploss, n = ploss_k, int(m.sum())
+            correct = (logits.argmax(-1) == p.argmax(-1)).sum()
+    return loss, None, ploss, n, correct
+
+
+def _top1(head, out):
+    """The head's greedy guesses (target ids) for its outputs out [m, dim]: over the full vocabulary for an
+    EAGLE-1/2 head (the target's LM head), over its draft vocabulary for an EAGLE-3 head."""
+    if head.arch == "eagle3":
+        return head.vocab_ids[head.logits(out.float()).argmax(-1)]
+    return head.logits(out.to(head.lm_head_weight.dtype)).argmax(-1)
+
+
 @torch.no_grad()
 def validate(head, seqs, rope, cfg: TrainConfig, batch_tokens: int | None = None) -> dict:
-    """Top-1 accuracy of the head's next-token guess (full vocabulary) against the target's greedy token, plus
-    the regression loss, over the answer positions of `seqs` (no input noise): always the self-distilled answers,
-    what the head meets at inference, whatever positions it was trained on. acc2: the same one level deeper, on
-    the head's own predicted feature (step 2 of train_forward), which is what drafting depth 2 and beyond needs."""
+    """Top-1 accuracy of the head's next-token guess (full vocabulary; EAGLE-3: its draft vocabulary) against the
+    target's greedy token, plus (EAGLE-1/2) the regression loss, over the answer positions of `seqs` (no input
+    noise): always the self-distilled answers, what the head meets at inference, whatever positions it was trained
+    on. acc2: the same one level deeper, on the head's own predicted feature (step 2 of train_forward), which is
+    what drafting depth 2 and beyond needs."""
     if not seqs:
         return {"acc": None, "acc2": None, "vloss": None, "n": 0}
     dev = head.fc.weight.device
@@ -210,20 +239,20 @@ def validate(head, seqs, rope, cfg: TrainConfig, batch_tokens: int | None = None
     correct = correct2 = n = n2 = 0
     vsum = 0.0
     for idx in epoch_batches(lengths, batch_tokens or cfg.batch_tokens, 0, 0):
-        tokens, feats, target, labels, mask = collate([seqs[i] for i in idx], cfg.max_len, dev)
+        tokens, feats, target, labels, mask = split_batch(head, collate([seqs[i] for i in idx], cfg.max_len, dev))
         with _autocast(dev):
             out, out2 = train_forward(head, tokens, feats, rope, steps=2)
         pred = out[mask].float()
-        vsum += F.smooth_l1_loss(pred, target[mask], reduction="sum").item() / pred.shape[-1]
-        correct += int((head.logits(pred.to(head.lm_head_weight.dtype)).argmax(-1) == labels[mask]).sum())
+        if head.arch != "eagle3":  # EAGLE-3 outputs are not features of the target
+            vsum += F.smooth_l1_loss(pred, target[mask], reduction="sum").item() / pred.shape[-1]
+        correct += int((_top1(head, pred) == labels[mask]).sum())
         n += pred.shape[0]
         mask[:, 0] = False
-        pred2 = out2[mask].to(head.lm_head_weight.dtype)
-        correct2 += int((head.logits(pred2).argmax(-1) == labels[mask]).sum())
-        n2 += pred2.shape[0]
+        correct2 += int((_top1(head, out2[mask]) == labels[mask]).sum())
+        n2 += int(mask.sum())
     head.train(was_training)
-    return {"acc": correct / n if n else None, "acc2": correct2 / n2 if n2 else None,
-            "vloss": vsum / n if n else None, "n": n}
+    vloss = vsum / n if n and head.arch != "eagle3" else None
+    return {"acc": correct / n if n else None, "acc2": correct2 / n2 if n2 else None, "vloss": vloss, "n": n}
 
 
 def _autocast(dev):
@@ -263,8 +292,8 @@ def split(seqs, cfg: TrainConfig):
 def _val_line(v):
     if v["acc"] is None:
         return f"step {v['step']}: no validation positions"
-    return (f"step {v['step']}: val top-1 acc {v['acc']:.4f} (depth 2: {v['acc2']:.4f}), smooth-L1 {v['vloss']:.4f} "
-            f"({v['n']} positions)")
+    vloss = "" if v["vloss"] is None else f", smooth-L1 {v['vloss']:.4f}"
+    return f"step {v['step']}: val top-1 acc {v['acc']:.4f} (depth 2: {v['acc2']:.4f}){vloss} ({v['n']} positions)"
 
 
 def _ema(old, new, keep=0.95):
@@ -275,6 +304,51 @@ def _save_atomic(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _head_and_objective(target, train, data_dirs, cfg: TrainConfig, init):
+    """A fresh head of cfg.arch for the data (from `init`'s weights when given) and its loss, a function
+    (head, batch, rope, noise) -> head_loss's tuple, with the LM-head rows it scores over set up once."""
+    dev = target.embed.weight.device
+    taps = data_taps(data_dirs)
+    if cfg.arch not in ("eagle", "eagle3"):
+        raise FastEagleError(f"unknown head architecture {cfg.arch!r} (eagle or eagle3)")
+    if (cfg.arch == "eagle3") != bool(taps):
+        raise FastEagleError("EAGLE-3 heads train on data generated with --arch eagle3 (the target's tapped layers), "
+                             f"EAGLE-1/2 heads on data without; this data {'taps layers ' + str(list(taps)) if taps else 'has no taps'}")
+    if cfg.arch == "eagle3":
+        counts = counts_from_sequences(train, target.args.vocab_size)
+        eos = sorted({e for d in data_dirs for e in read_manifest(d)["settings"]["eos_ids"]})  # answers' ends
+        vocab = draft_vocab(counts, cfg.draft_vocab_size, always=eos)
+        head = new_eagle3_head(target, taps, vocab, cfg.seed)
+    else:
+        head = new_head(target, cfg.seed)  # fp32 weights whatever the target's dtype (autocast on GPU)
+    if init is not None:
+        start = load_draft(init, target, device=dev)
+        if start.arch != head.arch or start.args != head.args or start.state_dict().keys() != head.state_dict().keys() \
+                or any(a.shape != b.shape for a, b in zip(start.state_dict().values(), head.state_dict().values())):
+            raise FastEagleError(f"--init {init}: not an {cfg.arch} head of this shape")
+        head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in start.state_dict().items()})
+    head.train()
+    if cfg.arch == "eagle3":
+        lm_w = target.lm_head_weight().detach()[head.draft_vocab].float()
+        in_vocab = torch.zeros(target.args.vocab_size, dtype=torch.bool, device=dev)
+        in_vocab[head.draft_vocab] = True
+
+        def loss_fn(head, batch, rope, noise):
+            return eagle3_loss(head, batch, rope, lm_w, in_vocab, cfg, noise)
+    else:
+        if cfg.ce_vocab == "data":  # the ids of the self-distilled sequences (prompt-only text would only widen it)
+            ids = torch.unique(torch.cat([s.tokens for s in train if len(s.tokens) > s.prompt_len] or
+                                         [s.tokens for s in train]))
+            lm_w = target.lm_head_weight().detach()[ids.to(dev)].float()
+        else:
+            lm_w = target.lm_head_weight().detach().float()
+
+        def loss_fn(head, batch, rope, noise):
+            return head_loss(head, batch, rope, lm_w, cfg, noise)
+    loss_fn.vocab_size = lm_w.shape[0]
+    return head, loss_fn
 
 
 def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, state_dir=None, source=None,
@@ -312,18 +386,7 @@ def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, st
     lengths = [_pairs(s, cfg.max_len)[1] for s in train]
     n_answer = sum(len(s.tokens) - s.prompt_len for s in train)
 
-    head = new_head(target, cfg.seed).train()  # fp32 weights whatever the target's dtype (autocast on GPU)
-    if init is not None and not resume:
-        start = load_draft(init, target, device=dev)
-        if start.args != head.args or (start.fc.bias is None) != (head.fc.bias is None):
-            raise FastEagleError(f"--init {init}: not an EAGLE-1/2 head of this shape")
-        head.load_state_dict(start.state_dict())
-    if cfg.ce_vocab == "data":  # the ids of the self-distilled sequences (prompt-only text would only widen it)
-        ids = torch.unique(torch.cat([s.tokens for s in train if len(s.tokens) > s.prompt_len] or
-                                     [s.tokens for s in train]))
-        lm_w = target.lm_head_weight().detach()[ids.to(dev)].float()
-    else:
-        lm_w = target.lm_head_weight().detach().float()
+    head, loss_fn = _head_and_objective(target, train, data_dirs, cfg, None if resume else init)
     rope = rope_cache(head.args, cfg.max_len + 1).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
@@ -364,12 +427,13 @@ def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, st
         batches = epoch_batches(lengths, cfg.batch_tokens, cfg.seed, epoch)
         n_batches = len(batches)
         while batch_pos < len(batches) and step < end:
-            batch = collate([train[i] for i in batches[batch_pos]], cfg.max_len, dev, cfg.loss_positions == "all")
+            batch = split_batch(head, collate([train[i] for i in batches[batch_pos]], cfg.max_len, dev,
+                                              cfg.loss_positions == "all"))
             batch_pos += 1
             if not bool(batch[4].any()):
                 continue
             with _autocast(dev):
-                loss, vloss, ploss, n, correct = head_loss(head, batch, rope, lm_w, cfg, noise=True)
+                loss, vloss, ploss, n, correct = loss_fn(head, batch, rope, noise=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -379,8 +443,8 @@ def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, st
             step += 1
             run_loss, run_acc = _ema(run_loss, loss.item()), _ema(run_acc, int(correct) / max(1, n))
             bar.update(1)
-            bar.set_postfix(loss=f"{run_loss:.3f}", v=f"{vloss.item():.3f}", p=f"{ploss.item():.2f}",
-                            acc=f"{run_acc:.3f}", ep=epoch, lr=f"{sched.get_last_lr()[0]:.1e}")
+            bar.set_postfix(loss=f"{run_loss:.3f}", **({} if vloss is None else {"v": f"{vloss.item():.3f}"}),
+                            p=f"{ploss.item():.2f}", acc=f"{run_acc:.3f}", ep=epoch, lr=f"{sched.get_last_lr()[0]:.1e}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 v = run_validation()
                 bar.write(_val_line(v))
@@ -405,7 +469,7 @@ def fit(target, data_dir, out_dir, cfg: TrainConfig, *, resume: bool = False, st
         "val_history": [{k: h.get(k) for k in ("step", "acc", "acc2", "vloss", "n")} for h in history],
         "train_sequences": len(train), "train_answer_tokens": n_answer,
         "train_tokens": sum(len(s.tokens) for s in train), "val_sequences": len(val),
-        "ce_vocab_size": int(lm_w.shape[0]), "config": asdict(cfg), "device": str(dev),
+        "ce_vocab_size": int(loss_fn.vocab_size), "config": asdict(cfg), "device": str(dev),
         "data": data_dirs, **({"init": str(init)} if init is not None else {}), **({"source": source} if source else {}),
     }
     save_draft(head.to(_DTYPES[cfg.save_dtype]), out_dir, extra={"training": summary})

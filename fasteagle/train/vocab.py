@@ -20,8 +20,13 @@ def counts_from_data(data_dirs, vocab_size: int) -> torch.Tensor:
     """Token counts [vocab_size] over the answers (not the prompts) of gen-data directories."""
     from fasteagle.train.data import load_dataset
 
+    return counts_from_sequences(load_dataset(data_dirs), vocab_size)
+
+
+def counts_from_sequences(seqs, vocab_size: int) -> torch.Tensor:
+    """Token counts [vocab_size] over the answers of loaded training sequences (train.data.Sequence)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for s in load_dataset(data_dirs):
+    for s in seqs:
         counts += torch.bincount(s.tokens[s.prompt_len :], minlength=vocab_size)[:vocab_size]
     return counts
 
