@@ -2,7 +2,7 @@
 each engine phase at real model sizes with random weights.
 
     python -m bench.latency --checkpoint DIR --draft DIR --questions question.jsonl \\
-        [--methods ar,eagle1,eagle2[,hf]] [--max-new-tokens 1024] [--temperature 0] [--warmup 1] [--compile]
+        [--methods ar,eagle1,eagle2[,eagle3,hf]] [--draft3 DIR] [--max-new-tokens 1024] [--temperature 0] [--warmup 1] [--compile]
     python -m bench.latency --random-weights --shape llama-3-8b [--context-lens 512,2048] [--verify-tokens 1,16,60]
 
 Questions (MT-bench / Spec-Bench format: question_id, category, turns) run turn by turn, each method answering the
@@ -42,9 +42,10 @@ from fasteagle.cli import interrupted, sigterm_as_interrupt
 from fasteagle.errors import FastEagleError
 
 DEFAULT_QUESTIONS = BENCH.parents[1] / "shared" / "data" / "mt_bench" / "question.jsonl"
-DEFAULT_HEAD = BENCH.parent / "fasteagle" / "heads" / "SmolLM2-135M-Instruct"
+from fasteagle.download import DEFAULT_HEAD, DEFAULT_HEAD3  # noqa: E402
 from fasteagle.engine import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS  # noqa: E402
-METHODS = ("ar", "eagle1", "eagle2", "hf")
+METHODS = ("ar", "eagle1", "eagle2", "eagle3", "hf")
+AUTO = ("eagle2", "eagle3")  # the dynamic-tree methods, whose shape is chosen automatically unless given
 MISMATCH_EXIT = 3
 
 
@@ -54,7 +55,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="converted target checkpoint (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--draft", type=Path, help="draft head checkpoint (default model: its bundled head)")
+    p.add_argument("--draft", type=Path, help="EAGLE-1/2 draft head for eagle1 / eagle2 (default model: its bundled "
+                                              "head)")
+    p.add_argument("--draft3", type=Path, help="EAGLE-3 draft head for eagle3 (default model: its bundled EAGLE-3 "
+                                               "head, when there is one)")
     p.add_argument("--questions", type=Path, help=f"question .jsonl (default: {DEFAULT_QUESTIONS})")
     p.add_argument("--methods", default="ar,eagle1,eagle2", help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--limit", type=int, help="only the first N questions")
@@ -159,18 +163,22 @@ class Runner:
         self.tok = load_tokenizer(args.checkpoint, self.cfg)
         self.eos = list(self.cfg.get("eos_token_ids") or [])
         # one head per EAGLE method: each engine sets up (and compiled graphs capture) its own draft cache
-        self.heads = {m: load_draft(args.draft, self.target, self.device, self.dtype) for m in methods if m in TREES}
+        self.heads = {m: load_draft(head_dir(args, m), self.target, self.device, self.dtype) for m in methods
+                      if m in TREES}
+        if "eagle3" in self.heads and self.heads["eagle3"].arch != "eagle3":
+            raise FastEagleError(f"--draft3 {args.draft3}: not an EAGLE-3 head")
         self.tree_sizes = {}
         if "eagle1" in methods:
             self.tree_sizes["eagle1"] = StaticTreeShape.from_choices(MC_SIM_7B_63).size
-        self.policy, self.choice = None, None
-        self.auto = args.auto_shape and "eagle2" in methods
-        if "eagle2" in methods:
-            self.tree_sizes["eagle2"] = dynamic_tree_size(args.depth, args.tree_top_k, args.total_tokens)
+        self.policies, self.choices = {}, {}  # per dynamic-tree method: its adaptive shapes and the chooser's table
+        self.auto = args.auto_shape and any(m in AUTO for m in methods)
+        depth = args.depth
+        for m in (m for m in AUTO if m in methods):
+            self.tree_sizes[m] = dynamic_tree_size(args.depth, args.tree_top_k, args.total_tokens)
             if self.auto:
-                self._choose_shape()
+                depth = max(depth, self._choose_shape(m))
         # enough cache past the answer for a whole tree plus the draft's path, so no run falls back to AR at the end
-        self.headroom = max(self.tree_sizes.values(), default=1) + args.depth + 8
+        self.headroom = max(self.tree_sizes.values(), default=1) + depth + 8
         self.engines = {}
         if not self.fit:
             self.engines = {m: self._engine(m) for m in methods if m != "hf"}
@@ -180,29 +188,30 @@ class Runner:
 
             self.hf = build_hf_model(self.target)
 
-    def _choose_shape(self):
-        """EAGLE-2's automatic shape: the chooser's best few shapes, switched per round (fasteagle.autotune)."""
+    def _choose_shape(self, method) -> int:
+        """A dynamic-tree method's automatic shape: the chooser's best few shapes, switched per round
+        (fasteagle.autotune). Returns the deepest shape's depth."""
         from fasteagle.autotune import auto_policy
 
-        head = self.heads["eagle2"]
-        self.policy, self.choice, self.costs = auto_policy(self.target, head, self.args.draft, self.args.compile,
-                                                           draft_int8=self.args.draft_int8)
-        if self.policy is not None:
-            self.tree_sizes["eagle2"] = max(s.total_tokens for s in self.policy.shapes)
-            self.args.depth = max(s.depth for s in self.policy.shapes)
-        print(f"[eagle2 shape: {describe_choice(self.choice)}]", file=sys.stderr)
+        policy, choice, _ = auto_policy(self.target, self.heads[method], head_dir(self.args, method),
+                                        self.args.compile, draft_int8=self.args.draft_int8)
+        self.policies[method], self.choices[method] = policy, choice
+        print(f"[{method} shape: {describe_choice(choice)}]", file=sys.stderr)
+        if policy is None:
+            return 0
+        self.tree_sizes[method] = max(s.total_tokens for s in policy.shapes)
+        return max(s.depth for s in policy.shapes)
 
     def _engine(self, method):
         from fasteagle.engine import SpecEngine
 
         a = self.args
-        head = self.heads.get(method)
-        if method == "eagle2" and self.auto and self.policy is None:
-            head = None  # the chooser found no shape faster than AR here: eagle2 runs as plain decoding
+        head, policy = self.heads.get(method), self.policies.get(method)
+        if method in AUTO and self.auto and policy is None:
+            head = None  # the chooser found no shape faster than AR here: the method runs as plain decoding
         return SpecEngine(self.target, head, tree=TREES.get(method, "dynamic"), depth=a.depth,
                           top_k=a.tree_top_k, total_tokens=a.total_tokens, draft_temperature=a.draft_temperature,
-                          compile=a.compile, policy=self.policy if method == "eagle2" else None,
-                          draft_int8=a.draft_int8)
+                          compile=a.compile, policy=policy, draft_int8=a.draft_int8)
 
     def engine(self, method, prompt_len):
         if not self.fit:
@@ -287,6 +296,11 @@ class Runner:
         return rec
 
 
+def head_dir(args, method):
+    """The draft head directory a speculative method uses."""
+    return args.draft3 if method == "eagle3" else args.draft
+
+
 def describe_choice(choice) -> str:
     if choice.shape is None:
         return "plain AR (no calibrated shape is predicted to beat it on this machine)"
@@ -318,7 +332,8 @@ def _identity(path) -> dict | None:
 
 def settings_of(args, runner) -> dict:
     """Everything that changes outputs or timings: records are reused only under equal settings."""
-    return {"checkpoint": _identity(args.checkpoint), "draft": _identity(args.draft), "device": args.device,
+    return {"checkpoint": _identity(args.checkpoint), "draft": _identity(args.draft),
+            **({"draft3": _identity(args.draft3)} if args.draft3 else {}), "device": args.device,
             "device_name": device_info(args.device)["name"], "dtype": str(runner.dtype).replace("torch.", ""),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
             "top_p": args.top_p, "seed": args.seed, "compile": args.compile, "turns": args.turns, "stride": args.stride,
@@ -391,8 +406,15 @@ def run_questions(args) -> int:
         args.checkpoint = ensure_smollm2()
         if args.draft is None and DEFAULT_HEAD.is_dir():
             args.draft = DEFAULT_HEAD
-    if any(m in TREES for m in methods) and args.draft is None:
+        if args.draft3 is None and "eagle3" in methods and DEFAULT_HEAD3.is_dir():
+            args.draft3 = DEFAULT_HEAD3
+    if any(m in ("eagle1", "eagle2") for m in methods) and args.draft is None:
         raise FastEagleError("methods eagle1/eagle2 need a draft head: pass --draft (or --methods ar)")
+    if "eagle3" in methods and args.draft3 is None:
+        raise FastEagleError("method eagle3 needs an EAGLE-3 head: pass --draft3 (the default model has none "
+                             "bundled yet)")
+    if "eagle3" not in methods:
+        args.draft3 = None  # not used: kept out of the settings
     questions_path = args.questions or DEFAULT_QUESTIONS
     if args.stride < 1:
         raise FastEagleError("--stride must be >= 1")
@@ -458,12 +480,14 @@ def run_questions(args) -> int:
     res["params"].update({"methods": methods, "dtype": settings["dtype"], "attn_backend": runner.backend,
                           "cache": "fit per turn" if runner.fit else runner.max_seq_len,
                           "tree_sizes": runner.tree_sizes, "checkpoint": str(args.checkpoint),
-                          "eagle2_shape": choice_json(runner.choice, runner.policy),
-                          "draft": str(args.draft) if args.draft else None})
+                          **{f"{m}_shape": choice_json(runner.choices[m], runner.policies[m]) for m in runner.choices},
+                          "draft": str(args.draft) if args.draft else None,
+                          **({"draft3": str(args.draft3)} if args.draft3 else {})})
     res["settings_key"] = key
     res["model"] = {"name": model_name, "checkpoint": str(args.checkpoint), "draft": str(args.draft) if args.draft
                     else None, "args": runner.target.args.to_dict(), "weight_bytes_per_forward": ctx["weight_bytes"],
-                    "target_source": runner.cfg.get("source"), "draft_info": draft_info(args.draft)}
+                    "target_source": runner.cfg.get("source"), "draft_info": draft_info(args.draft),
+                    **({"draft3_info": draft_info(args.draft3)} if args.draft3 else {})}
     res["questions"] = {"file": str(questions_path), "n": len(recs),
                         "turns": sum(len(r["methods"][methods[0]]["turns"]) for r in recs),
                         "categories": dict(sorted(Counter(r["category"] for r in recs).items()))}

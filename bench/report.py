@@ -2,7 +2,7 @@
 from collections import Counter, defaultdict
 from pathlib import Path
 
-TREES = {"eagle1": "static", "eagle2": "dynamic"}  # the speculative methods; EAGLE-1 = the reference's default tree
+TREES = {"eagle1": "static", "eagle2": "dynamic", "eagle3": "dynamic"}  # the speculative methods; EAGLE-1 = the reference's default tree
 
 
 def _pool(entries: list[dict], method: str, ctx: dict) -> dict:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from fasteagle.download import DEFAULT_HEAD
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
 from fasteagle.model import causal_mask, kv_caches
@@ -177,6 +178,8 @@ def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
         parts += [json.dumps(head.args.to_dict(), sort_keys=True), str(None if head.vocab_ids is None else
                                                                        head.vocab_ids.shape[0]),
                   f"int8={draft_int8 and not compiled and dev.type == 'cpu'}"]
+        if head.arch != "eagle":  # an EAGLE-3 head drafts through wider q/k/v and its own LM head
+            parts += [head.arch, str(head.taps)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -303,4 +306,4 @@ def auto_policy(target, head, head_dir, compiled: bool = False, max_tokens: int 
     return Adaptive(choice.table, keep), choice, costs
 
 
-BUNDLED_HEAD = Path(__file__).parent / "heads" / "SmolLM2-135M-Instruct"
+BUNDLED_HEAD = DEFAULT_HEAD  # the prior for heads without a calibration

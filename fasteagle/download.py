@@ -37,6 +37,7 @@ SMOLLM2 = {
     "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
 DEFAULT_HEAD = Path(__file__).parent / "heads" / SMOLLM2["name"]  # the bundled EAGLE head of the default model
+DEFAULT_HEAD3 = DEFAULT_HEAD.with_name(SMOLLM2["name"] + "-eagle3")  # its EAGLE-3 head (where one is bundled)
 
 
 def cache_dir() -> Path:

@@ -214,6 +214,46 @@ def test_unchecked_and_hf_baseline(model_dirs, tmp_path):
     assert "equal_ar" not in res["records"][0]["methods"]["eagle2"]["turns"][0]
 
 
+@pytest.fixture(scope="module")
+def eagle3_dir(model_dirs, tmp_path_factory):
+    """A random EAGLE-3 head for the tiny target: taps both layers, proposes 200 of the 320 ids."""
+    from fasteagle.checkpoint import load_target
+    from fasteagle.eagle3 import Eagle3Head
+    from fasteagle.model import ModelArgs
+
+    target, _ = load_target(model_dirs[0], "cpu", torch.float32, 64)
+    torch.manual_seed(0)
+    head = Eagle3Head(ModelArgs.from_dict({**target.args.to_dict(), "n_layers": 1}), 200, (0, 1))
+    head.draft_vocab.copy_(torch.randperm(320)[:200])
+    out = tmp_path_factory.mktemp("e3") / "head3"
+    save_draft(head, out)
+    return out
+
+
+def test_eagle3_method_side_by_side(model_dirs, eagle3_dir, tmp_path, capsys):
+    """--methods ar,eagle2,eagle3: the EAGLE-3 head (--draft3) runs next to the EAGLE-2 head, both lossless, each
+    with its own automatic shape choice recorded."""
+    out = tmp_path / "e3.json"
+    argv = bench_argv(model_dirs, out, "--methods", "ar,eagle2,eagle3", "--draft3", str(eagle3_dir), "--limit", "2",
+                      "--turns", "1")
+    argv.remove("--total-tokens")
+    argv.remove("16")  # the automatic shapes (the tiny model's costs are measured into the test's cache)
+    assert latency.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["lossless"]["ok"] is True and res["lossless"]["compared_turns"] == 4
+    assert set(res["summary"]["overall"]) >= {"ar", "eagle2", "eagle3"}
+    assert res["params"]["draft3"] == str(eagle3_dir) and res["model"]["draft3_info"]["sha256"]
+    assert {"eagle2_shape", "eagle3_shape"} <= set(res["params"])
+    # the wrong kind of head, or none, fails in one line
+    ckpt, draft, qfile = model_dirs
+    capsys.readouterr()
+    assert latency.main(bench_argv(model_dirs, tmp_path / "x.json", "--methods", "ar,eagle3", "--draft3",
+                                   str(draft))) == 1
+    assert "not an EAGLE-3 head" in capsys.readouterr().err
+    assert latency.main(bench_argv(model_dirs, tmp_path / "y.json", "--methods", "ar,eagle3")) == 1
+    assert "pass --draft3" in capsys.readouterr().err
+
+
 def test_bad_input(model_dirs, tmp_path):
     ckpt, draft, qfile = model_dirs
     bad = tmp_path / "bad.jsonl"
