@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fasteagle.download import DEFAULT_HEAD
+from fasteagle.download import DEFAULT_HEAD, DEFAULT_HEAD3
 from fasteagle.errors import FastEagleError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,15 +167,17 @@ def run(args):
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
     ckpt, draft_dir, chat = args.checkpoint, args.draft, args.chat
+    bundled = []  # the default model's heads: the engine takes the one predicted fastest here
     if ckpt is None:
         from fasteagle.download import ensure_smollm2
 
         ckpt = ensure_smollm2()  # reports download and conversion on the first run
-        if draft_dir is None and DEFAULT_HEAD.is_dir():
-            draft_dir = DEFAULT_HEAD
+        if draft_dir is None:
+            bundled = [d for d in (DEFAULT_HEAD, DEFAULT_HEAD3) if d.is_dir()]
+            draft_dir = bundled[0] if bundled else None
         chat = True if chat is None else chat
     if args.no_draft:
-        draft_dir = None
+        draft_dir, bundled = None, []
 
     # everything the flags decide is checked before the model is loaded
     auto = auto_shape(args)
@@ -190,10 +192,15 @@ def run(args):
     t0 = time.perf_counter()
     # on GPU the Triton kernels (attention reads only the live part of the cache); on CPU, PyTorch SDPA
     target, cfg = load_target(ckpt, args.device, dtype, max_seq_len)
-    draft = load_draft(draft_dir, target, args.device, dtype) if draft_dir else None
-    _report(f"load: {time.perf_counter() - t0:.1f}s ({Path(ckpt).name}" + (f" + {Path(draft_dir).name} head)"
-                                                                          if draft else ", no draft head)"))
+    dirs = bundled if auto and len(bundled) > 1 else [draft_dir] if draft_dir else []
+    heads = [load_draft(d, target, args.device, dtype) for d in dirs]
+    names = " / ".join(Path(d).name for d in dirs)
+    _report(f"load: {time.perf_counter() - t0:.1f}s ({Path(ckpt).name}" +
+            (f" + {names} head{'s' if len(dirs) > 1 else ''})" if heads else ", no draft head)"))
     args.chosen = None
+    draft = heads[0] if heads else None
+    if len(heads) > 1:
+        draft, draft_dir = faster_head(args, target, heads, bundled, max_seq_len - len(ids))
     engine = make_engine(args, target, draft, draft_dir, max_seq_len - len(ids)) if auto and draft else \
         make_engine(args, target, draft)
     if args.compile:  # compile and record every graph this generation can use, on its own prompt: not timed below
@@ -201,6 +208,21 @@ def run(args):
         engine.warmup(ids, args.max_new_tokens, params)
         _report(f"compile + warm-up: {time.perf_counter() - t0:.1f}s")
     decode(args, engine, ids, params, cfg.get("eos_token_ids") or [], tok, chat, max_seq_len)
+
+
+def faster_head(args, target, heads, head_dirs, room: int):
+    """Of several loaded heads, the one whose best shape is predicted fastest on this machine (measured costs,
+    cached, x each head's calibrated acceptance: fasteagle.autotune) -> (head, its directory)."""
+    from fasteagle.autotune import auto_policy
+
+    t0 = time.perf_counter()
+    speed = [auto_policy(target, h, d, args.compile, max_tokens=room, draft_int8=args.draft_int8)[1].speedup
+             for h, d in zip(heads, head_dirs)]
+    best = speed.index(max(speed))
+    _report(f"head: {head_dirs[best].name}, predicted {speed[best]:.2f}x AR (" + ", ".join(
+        f"{d.name} {v:.2f}x" for d, v in zip(head_dirs, speed) if d != head_dirs[best]) +
+        f"; {time.perf_counter() - t0:.1f}s)")
+    return heads[best], head_dirs[best]
 
 
 def make_engine(args, target, draft, draft_dir=None, room: int | None = None):

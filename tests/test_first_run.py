@@ -271,3 +271,45 @@ def test_ci_runs_the_readme_first_command_on_a_base_install():
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m venv" in ci and first in ci and "Paris" in ci
     assert ci.index(first) < ci.index(".[test]") < ci.index("python -m pytest")
+
+
+def test_default_model_takes_the_head_predicted_faster(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """With two bundled heads (EAGLE-2 and EAGLE-3), the default run takes the one whose calibrated acceptance x
+    this machine's measured costs predicts faster; flipping the calibrations flips the choice."""
+    import fasteagle.autotune as autotune
+    import fasteagle.generate as gen
+    from fasteagle.checkpoint import load_target
+    from fasteagle.eagle3 import Eagle3Head
+    from fasteagle.model import ModelArgs
+
+    ckpt, draft = tiny_ckpt
+    target, _ = load_target(ckpt, "cpu", torch.float32, 64)
+    head3 = Eagle3Head(ModelArgs.from_dict({**target.args.to_dict(), "n_layers": 1}), 100, (0, 1))
+    head3.draft_vocab.copy_(torch.arange(100))
+    e2, e3 = tmp_path / "SmolLM2-135M-Instruct", tmp_path / "SmolLM2-135M-Instruct-eagle3"
+    e2.mkdir()
+    for f in draft.iterdir():
+        (e2 / f.name).write_bytes(f.read_bytes())
+    save_draft(head3, e3)
+    monkeypatch.setattr(gen, "DEFAULT_HEAD", e2)
+    monkeypatch.setattr(gen, "DEFAULT_HEAD3", e3)
+    monkeypatch.setattr(download, "ensure_smollm2", lambda: ckpt)
+    # synthetic costs, the same for both heads (a tiny model's measured round costs many of its steps): AR step 1,
+    # verify(N) = 1 + 0.01 (N - 1), draft / extend 0.02
+    grid = (1, 2, 4, 8, 16, 32, 64)
+    costs = {"ar": 1.0, "verify": {n: 1 + 0.01 * (n - 1) for n in grid}, "draft": {m: 0.02 for m in (1, 2, 4, 8, 16)},
+             "extend": {m: 0.02 for m in (1, 2, 4, 8, 16)}}
+    monkeypatch.setattr(autotune, "cached_costs", lambda *a, **k: costs)
+
+    def calibrate(head_dir, tau):
+        rows = [{"depth": d, "top_k": 1, "total_tokens": d + 1, "tau": min(tau, d + 1)} for d in (1, 2, 3)]
+        (head_dir / "calibration.json").write_text(json.dumps({"shapes": rows}))
+
+    for good, bad in ((e3, e2), (e2, e3)):
+        calibrate(good, 3.5)
+        calibrate(bad, 1.5)
+        rc, out, err = run_generate(capsys, "--prompt", "hello", "--no-chat", "--max-new-tokens", "8", "--json",
+                                    "--threads", "1")
+        assert rc == 0, err
+        assert f"[head: {good.name}, predicted" in err and f"{bad.name} " in err
+        assert json.loads(out)["predicted_speedup"] > 1
