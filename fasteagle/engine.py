@@ -247,12 +247,24 @@ class SpecEngine:
         out = self.draft(emitted[None], feats[path][None], pos[None], L, causal_mask(P, L.device), window)[0]
         n = accept_len + 1
         if shape is None or shape.top_k > 1:  # a chain's accepted path is already in place: node d at slot L + d
-            for cache in kv_caches(self.target):  # each layer owns its buffers (model.py)
-                self._kv_commit(cache.k, cache.v, L, path)
+            self._commit(path, n)
         L.add_(n)
         self.root.copy_(emitted.index_select(0, accept_len))
         self.root_out.copy_(out.index_select(0, accept_len)[0])
         return torch.cat([n, emitted])
+
+    def _commit(self, path, n):
+        """Move the K/V of the accepted path's nodes to slots L + [0, n) in every target layer (each layer owns its
+        buffers, model.py). Eager on CPU, where reading a value on the host costs nothing, only when some accepted
+        node is not in place already (often all are: the top-ranked child sits right after its parent), and only
+        the n live rows; otherwise the fixed-shape commit of the whole padded path, no host sync."""
+        if self.device.type == "cpu" and not self.compiled:
+            k = int(n)
+            if bool((path[:k] == torch.arange(k)).all()):
+                return
+            path = path[:k]
+        for cache in kv_caches(self.target):
+            self._kv_commit(cache.k, cache.v, self.cache_len, path)
 
     # --- the host loop ---------------------------------------------------------------------------------------
 
