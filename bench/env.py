@@ -16,7 +16,6 @@ from fasteagle.errors import FastEagleError
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 SCHEMA = "fasteagle-bench-latency/1"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def git_commit() -> tuple[str | None, bool | None]:

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from bench.env import BENCH, DTYPES, default_out, device_info, header, sync, write_json_atomic
+from bench.env import BENCH, default_out, device_info, header, sync, write_json_atomic
 from bench.report import TREES, format_summary, lossless_report, plot_questions, summarize
-from fasteagle.cli import interrupted, sigterm_as_interrupt
+from fasteagle.cli import add_device_flags, add_draft_int8_flag, interrupted, sigterm_as_interrupt, torch_dtype
 from fasteagle.errors import FastEagleError
 
 DEFAULT_QUESTIONS = BENCH.parents[1] / "shared" / "data" / "mt_bench" / "question.jsonl"
@@ -72,8 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed generations per method before timing (random weights: calls per phase)")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine (CUDA graphs on GPU)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    add_device_flags(p)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--max-seq-len", type=int,
                    help="fixed KV cache size. Default: on CPU without --compile, a cache just big enough for each "
@@ -93,8 +92,7 @@ def parse_args(argv=None):
     d.add_argument("--total-tokens", type=int, help=f"EAGLE-2 verify width, root included (default: automatic; "
                                                     f"{DEFAULT_TOTAL_TOKENS})")
     d.add_argument("--draft-temperature", type=float, default=1.0)
-    d.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: the draft head through int8 copies of its weights")
+    add_draft_int8_flag(d)
     r = p.add_argument_group("random weights")
     r.add_argument("--random-weights", action="store_true", help="time the engine's phases at a model shape")
     r.add_argument("--shape", default="llama-2-7b", help="preset (see bench/shapes.py) or a JSON object of "
@@ -150,7 +148,7 @@ class Runner:
         self.args, self.methods = args, methods
         self.params = SamplingParams(args.temperature, args.top_k, args.top_p)
         self.device = args.device
-        self.dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+        self.dtype = torch_dtype(args.dtype, args.device)
         self.backend = "triton" if args.device == "cuda" else "sdpa"
         cfg = read_config(args.checkpoint, "target")
         self.model_max = cfg["model"]["max_position_embeddings"]

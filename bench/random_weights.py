@@ -30,7 +30,8 @@ import time
 
 import torch
 
-from bench.env import DTYPES, csv_ints, default_out, device_info, header, sync, write_json_atomic
+from bench.env import csv_ints, default_out, device_info, header, sync, write_json_atomic
+from fasteagle.cli import torch_dtype
 from bench.report import TREES, plot_random
 from fasteagle.errors import FastEagleError
 
@@ -316,7 +317,7 @@ def run_random(args) -> int:
     check_args(args, margs, lens, widths, ks, draft_vocab, tree_max)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev, dtype = args.device, DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+    dev, dtype = args.device, torch_dtype(args.dtype, args.device)
     backend = "triton" if dev == "cuda" else "sdpa"
     if args.compile:
         cfg = torch._dynamo.config  # one graph per (N, window) verify shape, per (k, window, vocab) draft level

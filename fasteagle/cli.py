@@ -4,6 +4,7 @@ Ctrl-C exits with status 130 and SIGTERM with 143, each with one line on stderr.
 (a KeyboardInterrupt) while a command runs, so `finally` blocks run (temporary directories are removed, a child
 pip is killed) as they do for Ctrl-C. Nothing here changes process state on import: handlers are installed by
 `run_main` / `sigterm_as_interrupt` only for the duration of a command."""
+import argparse
 import signal
 import sys
 import threading
@@ -71,3 +72,29 @@ def run_main(fn, *args) -> int:
             return 1
         except KeyboardInterrupt as e:
             return interrupted(e)
+
+
+# --- flags the commands share ----------------------------------------------------------------------------------------
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str | None, device: str):
+    """A --dtype value as a torch dtype; unset: bfloat16 on cuda, float32 on cpu."""
+    import torch
+
+    return getattr(torch, name or ("bfloat16" if device == "cuda" else "float32"))
+
+
+def add_device_flags(p):
+    """--device (cuda when there is one) and --dtype (torch_dtype)."""
+    import torch
+
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on cuda, float32 on cpu")
+
+
+def add_draft_int8_flag(p):
+    p.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: run the draft head through int8 copies of its weights (faster drafting; the output "
+                        "stays exactly the target's)")

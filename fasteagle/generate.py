@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from fasteagle.cli import add_device_flags, add_draft_int8_flag, torch_dtype
 from fasteagle.download import DEFAULT_HEAD, DEFAULT_HEAD3
 from fasteagle.errors import FastEagleError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 __all__ = ["DEFAULT_HEAD", "main", "parse_args", "run"]
 
 
@@ -41,8 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling nucleus mass in (0, 1]")
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible on the same device)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    add_device_flags(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode phases (CUDA graphs on GPU)")
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="CPU threads for torch (default: the cores this process may use, %(default)s)")
@@ -61,9 +60,7 @@ def parse_args(argv=None):
                                           f"'auto': the shape chooser")
     d.add_argument("--draft-temperature", type=float, default=1.0,
                    help="temperature of the draft's scores when building the tree (never changes the output)")
-    d.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: run the draft head through int8 copies of its weights (faster drafting; the output "
-                        "stays exactly the target's)")
+    add_draft_int8_flag(d)
     return p.parse_args(argv)
 
 
@@ -165,7 +162,7 @@ def run(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise FastEagleError("--device cuda: no CUDA device available")
     torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype or ("bfloat16" if args.device == "cuda" else "float32")]
+    dtype = torch_dtype(args.dtype, args.device)
     ckpt, draft_dir, chat = args.checkpoint, args.draft, args.chat
     bundled = []  # the default model's heads: the engine takes the one predicted fastest here
     if ckpt is None:

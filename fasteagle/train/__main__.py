@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fasteagle.cli import run_main
+from fasteagle.cli import DTYPE_NAMES, add_draft_int8_flag, run_main, torch_dtype
 from fasteagle.errors import FastEagleError
 
 
@@ -32,7 +32,7 @@ def _device(name: str) -> torch.device:
 def _load_target(args, max_seq_len: int = 16):
     from fasteagle.checkpoint import load_target
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype, "cpu")
     target, cfg = load_target(args.checkpoint, device=_device(args.device), dtype=dtype, max_seq_len=max_seq_len)
     return target, cfg
 
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     def common(sp):
         sp.add_argument("--checkpoint", required=True, help="the target's fasteagle checkpoint directory")
         sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        sp.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                         help="the target's compute dtype (default %(default)s)")
         sp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -282,8 +282,7 @@ def main(argv=None) -> int:
     sp.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default %(default)s)")
     sp.add_argument("--max-prompt-tokens", type=int, default=256, help="skip longer prompts (default %(default)s)")
     sp.add_argument("--batch-size", type=int, default=16, help="prompts answered at once (default %(default)s)")
-    sp.add_argument("--draft-int8", action=argparse.BooleanOptionalAction, default=True,
-                    help="CPU: the head's int8 copies, as the engine drafts there by default")
+    add_draft_int8_flag(sp)
     sp.set_defaults(fn=cmd_calibrate)
 
     sp = sub.add_parser("all", help="gen-data, fit and eval in a row")
