@@ -2,7 +2,8 @@
 
 A checkpoint directory holds:
   config.json        {"format": "fasteagle-v1", "kind": "target" | "draft", "model": {...ModelArgs or DraftArgs...},
-                      "tokenizer": {...} (targets), "bos_token_id", "eos_token_ids", "chat_template", "source"}
+                      "tokenizer": {...}, "bos_token_id", "eos_token_ids", "add_bos", "chat_template_jinja", "bos_token",
+                      "eos_token" (targets: see fasteagle/tokenizer), "source"}
   model.safetensors  weights under this package's module names (e.g. layers.0.attn.wq.weight)
   tokenizer files    whatever `tokenizer.json`'s "tokenizer" entry names (targets only)
 """

@@ -14,8 +14,9 @@ from fasteagle.errors import FastEagleError
 
 # packages the base install provides, and optional ones with the extra that installs them
 BASE_PACKAGES = {"gguf", "tokenizers", "tiktoken", "sentencepiece", "safetensors", "numpy", "tqdm", "matplotlib",
-                 "triton", "torch"}
-EXTRAS = {"transformers": "hf", "accelerate": "test", "scipy": "test", "pytest": "test"}
+                 "triton", "torch", "jinja2"}
+EXTRAS = {"transformers": "hf", "accelerate": "test", "scipy": "test", "pytest": "test", "openai": "test",
+          "psutil": "test", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve"}
 
 
 class Terminated(KeyboardInterrupt):

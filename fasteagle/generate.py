@@ -23,8 +23,6 @@ __all__ = ["DEFAULT_HEAD", "main", "parse_args", "run"]
 
 
 def parse_args(argv=None):
-    from fasteagle.engine import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS
-
     p = argparse.ArgumentParser(prog="python -m fasteagle.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="converted target checkpoint (default: SmolLM2-135M-Instruct)")
@@ -46,6 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="CPU threads for torch (default: the cores this process may use, %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_draft_flags(p)
+    return p.parse_args(argv)
+
+
+def add_draft_flags(p):
+    """The speculative-decoding flags (generate and serve): the head, and the tree shape when not automatic."""
+    from fasteagle.engine import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS
+
     d = p.add_argument_group("speculative decoding")
     d.add_argument("--draft", type=Path, help="draft head checkpoint (default model: its bundled head)")
     d.add_argument("--no-draft", action="store_true", help="plain AR decoding even for the default model")
@@ -61,7 +67,6 @@ def parse_args(argv=None):
     d.add_argument("--draft-temperature", type=float, default=1.0,
                    help="temperature of the draft's scores when building the tree (never changes the output)")
     add_draft_int8_flag(d)
-    return p.parse_args(argv)
 
 
 def default_threads() -> int:
@@ -148,13 +153,35 @@ def prompt_ids(args, tok, chat: bool) -> list[int]:
 
 
 def run(args):
-    from fasteagle.checkpoint import load_target, read_config
-    from fasteagle.draft import load_draft
+    from fasteagle.checkpoint import read_config
     from fasteagle.tokenizer import load_tokenizer
 
     params = sampling_params(args)
     if args.max_new_tokens < 1:
         raise FastEagleError("--max-new-tokens must be >= 1")
+    check_machine_flags(args)
+    ckpt, draft_dir, bundled, chat = resolve_model(args)
+
+    # everything the flags decide is checked before the model is loaded
+    auto = auto_shape(args)
+    cfg = read_config(ckpt, "target")
+    width = tree_width(args, cfg["model"]["vocab_size"]) if draft_dir else None
+    tok = load_tokenizer(ckpt, cfg) if args.prompt_ids is None or cfg.get("tokenizer") else None
+    ids = prompt_ids(args, tok, chat)
+    if not ids:
+        raise FastEagleError("empty prompt")
+    max_seq_len = cache_size(args, len(ids), width, cfg["model"]["max_position_embeddings"])
+
+    engine, cfg = load_engine(args, ckpt, draft_dir, bundled, auto, max_seq_len, max_seq_len - len(ids))
+    if args.compile:  # compile and record every graph this generation can use, on its own prompt: not timed below
+        t0 = time.perf_counter()
+        engine.warmup(ids, args.max_new_tokens, params)
+        _report(f"compile + warm-up: {time.perf_counter() - t0:.1f}s")
+    decode(args, engine, ids, params, cfg.get("eos_token_ids") or [], tok, chat, max_seq_len)
+
+
+def check_machine_flags(args):
+    """--max-seq-len, --threads and --device, checked; sets torch's thread count."""
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise FastEagleError("--max-seq-len must be >= 1")
     if args.threads < 1:
@@ -162,7 +189,11 @@ def run(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise FastEagleError("--device cuda: no CUDA device available")
     torch.set_num_threads(args.threads)
-    dtype = torch_dtype(args.dtype, args.device)
+
+
+def resolve_model(args):
+    """-> (checkpoint, draft head dir or None, the bundled heads to choose from, chat). Without --checkpoint: the
+    default model (downloaded and converted on first use), its bundled heads and its chat template."""
     ckpt, draft_dir, chat = args.checkpoint, args.draft, args.chat
     bundled = []  # the default model's heads: the engine takes the one predicted fastest here
     if ckpt is None:
@@ -175,17 +206,16 @@ def run(args):
         chat = True if chat is None else chat
     if args.no_draft:
         draft_dir, bundled = None, []
+    return ckpt, draft_dir, bundled, chat
 
-    # everything the flags decide is checked before the model is loaded
-    auto = auto_shape(args)
-    cfg = read_config(ckpt, "target")
-    width = tree_width(args, cfg["model"]["vocab_size"]) if draft_dir else None
-    tok = load_tokenizer(ckpt, cfg) if args.prompt_ids is None or cfg.get("tokenizer") else None
-    ids = prompt_ids(args, tok, chat)
-    if not ids:
-        raise FastEagleError("empty prompt")
-    max_seq_len = cache_size(args, len(ids), width, cfg["model"]["max_position_embeddings"])
 
+def load_engine(args, ckpt, draft_dir, bundled, auto: bool, max_seq_len: int, room: int):
+    """Load the target (a KV cache of max_seq_len) and its head(s), and build the engine -> (engine, target config).
+    room: the most tokens one generation adds (the automatic shape is sized for it)."""
+    from fasteagle.checkpoint import load_target
+    from fasteagle.draft import load_draft
+
+    dtype = torch_dtype(args.dtype, args.device)
     t0 = time.perf_counter()
     # on GPU the Triton kernels (attention reads only the live part of the cache); on CPU, PyTorch SDPA
     target, cfg = load_target(ckpt, args.device, dtype, max_seq_len)
@@ -197,14 +227,9 @@ def run(args):
     args.chosen = None
     draft = heads[0] if heads else None
     if len(heads) > 1:
-        draft, draft_dir = faster_head(args, target, heads, bundled, max_seq_len - len(ids))
-    engine = make_engine(args, target, draft, draft_dir, max_seq_len - len(ids)) if auto and draft else \
-        make_engine(args, target, draft)
-    if args.compile:  # compile and record every graph this generation can use, on its own prompt: not timed below
-        t0 = time.perf_counter()
-        engine.warmup(ids, args.max_new_tokens, params)
-        _report(f"compile + warm-up: {time.perf_counter() - t0:.1f}s")
-    decode(args, engine, ids, params, cfg.get("eos_token_ids") or [], tok, chat, max_seq_len)
+        draft, draft_dir = faster_head(args, target, heads, bundled, room)
+    engine = make_engine(args, target, draft, draft_dir, room) if auto and draft else make_engine(args, target, draft)
+    return engine, cfg
 
 
 def faster_head(args, target, heads, head_dirs, room: int):

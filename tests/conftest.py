@@ -63,6 +63,27 @@ def save_hf_tokenizer(out_dir, tok=None):
     return fast
 
 
+
+def write_tiny_model(root, context: int = 512):
+    """tests/tiny.py's predictable_pair (a head that often agrees with its target) on disk, over the 320-token
+    byte-level BPE vocabulary with a ChatML template -> (target checkpoint, head checkpoint). context: the
+    target's max_position_embeddings."""
+    from fasteagle.checkpoint import atomic_output_dir, write_checkpoint
+    from fasteagle.draft import save_draft
+    from fasteagle.tokenizer import export_tokenizer_hf
+    from tiny import predictable_pair
+
+    src = root / "hf_tok"
+    save_hf_tokenizer(src)
+    target, head = predictable_pair(2.0, vocab=320, dim=32)
+    ckpt, draft = root / "target", root / "head"
+    with atomic_output_dir(ckpt) as tmp:
+        entries = export_tokenizer_hf(src, tmp)
+        model = {**target.args.to_dict(), "max_position_embeddings": context}
+        write_checkpoint(tmp, {"kind": "target", "model": model, **entries}, target.state_dict())
+    save_draft(head, draft)
+    return ckpt, draft
+
 # --- fasteagle-side reference loops -------------------------------------------------------------------------
 
 

@@ -17,12 +17,9 @@ from bench import latency  # noqa: E402
 from bench.env import SCHEMA  # noqa: E402
 from bench.report import TREES, summarize  # noqa: E402
 from bench.shapes import PEAK_BANDWIDTH, kv_bytes_per_forward, peak_bandwidth, shape_args  # noqa: E402
-from conftest import save_hf_tokenizer  # noqa: E402
-from fasteagle.checkpoint import atomic_output_dir, write_checkpoint  # noqa: E402
+from conftest import write_tiny_model  # noqa: E402
 from fasteagle.draft import save_draft  # noqa: E402
 from fasteagle.errors import FastEagleError  # noqa: E402
-from fasteagle.tokenizer import export_tokenizer_hf  # noqa: E402
-from tiny import predictable_pair  # noqa: E402
 
 QUESTIONS = [
     {"question_id": 1, "category": "writing", "turns": ["Once upon a time", "What is the capital of France?"]},
@@ -43,14 +40,7 @@ def restore_threads():
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    src = root / "hf_tok"
-    save_hf_tokenizer(src)
-    target, head = predictable_pair(2.0, vocab=320, dim=32)
-    ckpt, draft = root / "target", root / "head"
-    with atomic_output_dir(ckpt) as tmp:
-        entries = export_tokenizer_hf(src, tmp)
-        write_checkpoint(tmp, {"kind": "target", "model": target.args.to_dict(), **entries}, target.state_dict())
-    save_draft(head, draft)
+    ckpt, draft = write_tiny_model(root)
     qfile = root / "questions.jsonl"
     qfile.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     return ckpt, draft, qfile

