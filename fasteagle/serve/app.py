@@ -144,13 +144,18 @@ def create_app(worker, model_name: str, api_key: str | None = None, request_time
             job.cancelled.set()  # a no-op once the job is done; otherwise the engine stops at its next round
 
     async def events(request: Request, job: Job):
-        """The job's events until its Done / Failed, or until the client goes away."""
+        """The job's events until its Done / Failed, or until the client goes away (checked every POLL_S)."""
+        checked = time.monotonic()
         while True:
             try:
                 event = await asyncio.wait_for(job.events.get(), POLL_S)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= POLL_S:
                 if await request.is_disconnected():
                     return
+                checked = time.monotonic()
+            if event is None:
                 continue
             yield event
             if isinstance(event, (Done, Failed)):
