@@ -96,9 +96,10 @@ def shape_args(shape: str) -> tuple[str, ModelArgs]:
 
 
 def weight_bytes_per_forward(model: torch.nn.Module) -> int:
-    """Bytes of weights one batch-1 forward of the target reads: every parameter, except an untied input embedding
-    (only one row per token is gathered; a tied one is read whole by the LM head)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights one batch-1 forward of the target reads: every stored weight (a quantized target's: its int8 /
+    int4 tensors and scales), except an untied input embedding (only one row per token is gathered; a tied one is
+    read whole by the LM head)."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if not model.args.tie_embeddings:
         total -= model.embed.weight.numel() * model.embed.weight.element_size()
     return total

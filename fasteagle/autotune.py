@@ -167,13 +167,15 @@ def round_cost(costs: dict, s: Shape) -> float:
 
 
 def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
-    """What the timings depend on: device, model and head shapes, dtype, threads, compile mode, torch version, the
-    draft's int8 path."""
+    """What the timings depend on: device, model and head shapes, dtype, the target's quantization, threads, compile
+    mode, torch version, the draft's int8 path."""
     dev = target.embed.weight.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{os.cpu_count()}"
     parts = [COSTS_VERSION, name, torch.__version__, str(target.embed.weight.dtype), str(torch.get_num_threads()),
              str(compiled), json.dumps(target.args.to_dict(), sort_keys=True), target.attn_backend,
              str(target.max_seq_len >= 64)]
+    if target.quantization:
+        parts.append(json.dumps(target.quantization, sort_keys=True))
     if head is not None:
         parts += [json.dumps(head.args.to_dict(), sort_keys=True), str(None if head.vocab_ids is None else
                                                                        head.vocab_ids.shape[0]),

@@ -3,8 +3,10 @@
 A checkpoint directory holds:
   config.json        {"format": "fasteagle-v1", "kind": "target" | "draft", "model": {...ModelArgs or DraftArgs...},
                       "tokenizer": {...}, "bos_token_id", "eos_token_ids", "add_bos", "chat_template_jinja", "bos_token",
-                      "eos_token" (targets: see fasteagle/tokenizer), "source"}
-  model.safetensors  weights under this package's module names (e.g. layers.0.attn.wq.weight)
+                      "eos_token" (targets: see fasteagle/tokenizer), "source",
+                      "quantization": {"mode": "int8" | "int4", "group_size"} (quantized targets: fasteagle/quant.py)}
+  model.safetensors  weights under this package's module names (e.g. layers.0.attn.wq.weight; quantized:
+                     layers.0.attn.wq.weight_int8 + .weight_scale, or .weight_int4 + .weight_scales_zeros)
   tokenizer files    whatever `tokenizer.json`'s "tokenizer" entry names (targets only)
 """
 import json
@@ -110,9 +112,12 @@ def write_checkpoint(out_dir, config: dict, state_dict: dict):
 
 
 def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
-                attn_backend: str | None = None):
+                attn_backend: str | None = None, quantize: str | None = None, group_size: int | None = None):
     """Load a converted target model. Returns (Transformer with its cache set up, config dict).
-    attn_backend: "triton" (the Triton kernels; the default on CUDA) or "sdpa" (PyTorch; the default elsewhere)."""
+    attn_backend: "triton" (the Triton kernels; the default on CUDA) or "sdpa" (PyTorch; the default elsewhere).
+    A quantized checkpoint (config "quantization", fasteagle.quantize) loads as such; quantize ("int8" / "int4",
+    group_size for int4) quantizes a fp checkpoint on load (fasteagle.quant)."""
+    from fasteagle import quant
     from fasteagle.model import ModelArgs, Transformer
 
     cfg = read_config(ckpt_dir, "target")
@@ -120,10 +125,21 @@ def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | 
         args = ModelArgs.from_dict(cfg["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise FastEagleError(f"{ckpt_dir}/{CONFIG}: bad model config: {e}") from None
+    stored = cfg.get("quantization")
+    if quantize and stored:
+        raise FastEagleError(f"{ckpt_dir}: already quantized ({stored}); load it without quantizing")
     with torch.device("meta"):
         model = Transformer(args)
+        if stored:
+            quant.quantized_skeleton(model, stored, f"{ckpt_dir}/{CONFIG}")
     model = model.to_empty(device="cpu")
-    model = load_weights(model, ckpt_dir, device=device, dtype=dtype)
+    if quantize:  # from the fp32 weights, on the CPU; then onto the device
+        group_size = quant.check_settings(model, quantize, group_size)  # before reading the weights
+        model = quant.quantize_model(load_weights(model, ckpt_dir), quantize, group_size).to(device, dtype)
+    else:
+        model = load_weights(model, ckpt_dir, device=device, dtype=dtype)
+    if model.quantization:
+        quant.prepare_model(model)
     if attn_backend is None:
         attn_backend = "triton" if torch.device(device).type == "cuda" else "sdpa"
     model.setup_cache(max_seq_len or args.max_position_embeddings, attn_backend=attn_backend)

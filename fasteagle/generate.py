@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="sampling nucleus mass in (0, 1]")
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible on the same device)")
     add_device_flags(p)
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="quantize the target's weights on load (int4: groups of 64; see python -m fasteagle.quantize, "
+                        "whose checkpoints load quantized without this flag)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode phases (CUDA graphs on GPU)")
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="CPU threads for torch (default: the cores this process may use, %(default)s)")
@@ -218,11 +221,12 @@ def load_engine(args, ckpt, draft_dir, bundled, auto: bool, max_seq_len: int, ro
     dtype = torch_dtype(args.dtype, args.device)
     t0 = time.perf_counter()
     # on GPU the Triton kernels (attention reads only the live part of the cache); on CPU, PyTorch SDPA
-    target, cfg = load_target(ckpt, args.device, dtype, max_seq_len)
+    target, cfg = load_target(ckpt, args.device, dtype, max_seq_len, quantize=getattr(args, "quantize", None))
     dirs = bundled if auto and len(bundled) > 1 else [draft_dir] if draft_dir else []
     heads = [load_draft(d, target, args.device, dtype) for d in dirs]
     names = " / ".join(Path(d).name for d in dirs)
-    _report(f"load: {time.perf_counter() - t0:.1f}s ({Path(ckpt).name}" +
+    quantized = f" {target.quantization['mode']}" if target.quantization else ""
+    _report(f"load: {time.perf_counter() - t0:.1f}s ({Path(ckpt).name}{quantized}" +
             (f" + {names} head{'s' if len(dirs) > 1 else ''})" if heads else ", no draft head)"))
     args.chosen = None
     draft = heads[0] if heads else None

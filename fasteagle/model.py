@@ -167,6 +167,7 @@ class FusedInput(nn.Module):
     group_packed = None  # [sum of the group's out features, in], oneDNN-packed (pack_group); plain attribute
     group_qpacked = None  # the same rows as int8 (quantize_group)
     group_bias = None
+    group_linear = None  # a quantized target's stacked projection (quant.prepare_model), used on every device
 
     def group(self) -> list[Linear]:
         raise NotImplementedError
@@ -189,7 +190,9 @@ class FusedInput(nn.Module):
     def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[m(x) for m in group()], in one call when there is a stacked copy to take (int8 first)."""
         mods = self.group()
-        if self.group_qpacked is not None:
+        if self.group_linear is not None:
+            y = self.group_linear(x)
+        elif self.group_qpacked is not None:
             y = quantized_linear(x, self.group_qpacked)
         elif use_packed(x, self.group_packed):
             y = torch.ops.mkldnn._linear_pointwise(x, self.group_packed, self.group_bias, "none", [], "")
@@ -384,10 +387,15 @@ class Transformer(nn.Module):
         x = run_layers(self, self.embed(tokens), positions, cache_len, attn_mask, kv_len, taps)
         return (self.norm(x[0]), x[1]) if taps else self.norm(x)
 
+    quantization = None  # {"mode", "group_size"} when the projections and LM head are quantized (fasteagle.quant)
+
     def lm_head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.output is None else self.output.weight
+        """The LM head's [vocab, dim] weight, dense (a quantized target's: dequantized; tied: the embedding)."""
+        return self.embed.weight if self.args.tie_embeddings else self.output.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quantization is not None:
+            return self.output(hidden).float()
         return packed_linear(hidden, self.lm_head_weight(), self.lm_head_packed).float()
 
     lm_head_packed = None

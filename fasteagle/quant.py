@@ -1,0 +1,322 @@
+"""Quantized linear weights for the target: int8 (per output channel) and int4 (grouped), stored device-independently.
+
+Stored formats (checkpoint tensors, under each projection's name; config.json says {"quantization": {"mode",
+"group_size"}}):
+  int8  weight_int8 [out, in] int8, weight_scale [out] fp32; symmetric: w = q * scale, q in [-127, 127].
+  int4  weight_int4 [out, in // 2] uint8, weight_scales_zeros [in // group, out, 2] fp32 (scale, zero); asymmetric:
+        w = (q - 8) * scale + zero, q in [0, 15]. Byte j of row n holds q[n, 2j] in its high nibble and q[n, 2j + 1]
+        in its low one: the layout torch's CUDA `_convert_weight_to_int4pack` takes, as are the scales/zeros (bf16 there).
+The LM head is quantized like the layers; a tied embedding is not stored: it is the LM head's dequantized table
+(one table, as in the fp model). An untied embedding stays dense (each token reads one row of it).
+
+How each device runs them (QuantLinear.prepare, once, after the model is on its device):
+  CPU   int8 weights times per-token activations quantized to 14 bits (two 7-bit digits), through fbgemm's int8
+        GEMM (rowwise_int8_linear). An int4 checkpoint is requantized per channel to int8 at load: torch has no x86
+        int4 kernel faster than fp32 (measured on AVX2 at SmolLM2's shapes, one row: _weight_int4pack_mm_for_cpu
+        5-9x slower than fp32 and linear in the rows, dequantizing per call ~50x), so on a CPU int4 saves disk.
+  CUDA  weight-only: `_weight_int8pack_mm`, `_weight_int4pack_mm` (bf16 activations; the int4 weight packed once
+        by `_convert_weight_to_int4pack`). Shapes that kernel cannot take (out % 8, in % 32, before sm80) and other
+        devices multiply by the dequantized weight, made once.
+  torch.compile on CPU traces a multiplication by the dequantized weight (fbgemm's packed weights are opaque to
+  dynamo): correct, not fast.
+
+Lossless with respect to the quantized model: speculative decoding needs the verify forward over N tree tokens to
+compute, row for row, what N one-token steps compute. The weight-only GPU kernels compute each row's dot products
+by themselves (in bf16, where design.md judges equality by margins). The CPU path quantizes activations, and
+fbgemm takes one (scale, zero point) for a whole input, which would couple the rows; rowwise_int8_linear maps each
+row onto [0, 1] by its own min and span first and passes fixed qparams, so each row's integers, its exact int32
+sums and the elementwise epilogue depend on that row alone: bit for bit the same result in any batch
+(tests/test_quant.py checks it). Greedy output then equals the quantized model's own AR output, token for token,
+and sampling follows its distribution.
+"""
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fasteagle.errors import FastEagleError
+from fasteagle.model import FusedInput, Linear
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)  # what _weight_int4pack_mm takes (it also takes 256)
+DEFAULT_GROUP_SIZE = 64
+T_MAX = 64 * 127  # CPU activations: integers |t| <= T_MAX per row, passed to fbgemm as two digits in [-64, 64]
+TINY = torch.finfo(torch.float32).tiny
+# constant operands as tensors: a Python number costs a conversion per op (measurable at SmolLM2's small layers)
+_INV_T_MAX, _INV_128, _128 = torch.tensor(1 / T_MAX), torch.tensor(1 / 128), torch.tensor(128.0)
+
+
+# --- stored formats ----------------------------------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor):
+    """[out, in] -> (q int8 [out, in], scale fp32 [out]), w ~= q * scale per output channel."""
+    w = w.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int):
+    """[out, in] -> (packed uint8 [out, in // 2], scales_zeros fp32 [in // group, out, 2]), w ~= (q - 8) * s + z per
+    group of group_size inputs (min/max: q = 0 is the group's min, q = 15 its max)."""
+    out, n_in = w.shape
+    g = w.detach().float().reshape(out, n_in // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(out, n_in)
+    packed = (q[:, 0::2] << 4) | q[:, 1::2]
+    return packed, torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in // 2] -> the codes [out, in] (uint8, 0..15)."""
+    return torch.stack([packed >> 4, packed & 15], -1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The [out, in] weight quantize_int4's (packed, scales_zeros) stand for, in dtype."""
+    q = unpack_int4(packed)
+    out, n_in = q.shape
+    sz = scales_zeros.transpose(0, 1).to(dtype)  # [out, groups, 2]
+    g = q.reshape(out, sz.shape[1], -1).to(dtype)
+    return ((g - 8) * sz[..., :1] + sz[..., 1:]).reshape(out, n_in)
+
+
+# --- kernels -----------------------------------------------------------------------------------------------------
+
+
+def can_run_fbgemm() -> bool:
+    return torch.backends.quantized.engine in ("x86", "fbgemm")
+
+
+def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's prepacked copy of an int8 weight (its very integers and scales)."""
+    with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the ops remain fbgemm's path
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(q.cpu(), scale.double().cpu(),
+                                                      torch.zeros(q.shape[0], dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qt, None)
+
+
+def rowwise_int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    """x [M, in] fp32 @ the packed int8 weight^T, each row's activations quantized to 14 bits by its own max |x|:
+
+        x ~= step * t,  step = max |x| / T_MAX,  t = 128 h + l  (integers, h and l in [-64, 64])
+        W x ~= step * (128 W h + W l)
+
+    The 2M digit rows h and l go through fbgemm in one call with the qparams (1, 64), which keep them as they are
+    (stored as h + 64 and l + 64 in [0, 128]). 7-bit digits keep fbgemm's AVX2 kernel from saturating: it adds
+    u8 x s8 products pairwise in int16 (PyTorch's reduce_range on x86 exists for this), and 2 * 128 * 127 < 2^15.
+    A batch-1 step still streams the weights once: two rows cost what one does. (One 7-bit digit alone has ~50x
+    the KL divergence from the fp32 model on SmolLM2.) Every op here is elementwise with one rounding (the alpha=128
+    add's product is exact), fbgemm's integer sums are exact and its epilogue per element, so row i's result does
+    not depend on the other rows (see the module docstring). |t| <= T_MAX (|x| <= max |x|, rounding is monotone),
+    so |h|, |l| <= 64; a zero row has step TINY and t = 0."""
+    step = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).mul_(_INV_T_MAX).clamp_min_(TINY)
+    t = x.div(step).round_()
+    high = t.mul(_INV_128).round_()
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        torch.cat([high, t.sub_(high.mul(_128))]), 1.0, 64, packed)
+    y_high, y_low = y.view(2, x.shape[0], -1).unbind(0)
+    return y_low.add_(y_high, alpha=128).mul_(step)
+
+
+def int4_inner_k_tiles(in_features: int, out_features: int) -> int | None:
+    """The widest k-tiling _convert_weight_to_int4pack allows for this shape (in % (16 * tiles) == 0, out % 8 == 0),
+    None where it has none."""
+    if out_features % 8:
+        return None
+    return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
+
+
+# --- the module --------------------------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b, W stored quantized (the module docstring's formats). prepare() picks the device's kernel."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, group_size: int | None = None,
+                 bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
+        if mode == "int8":
+            self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("weight_scale", torch.empty(out_features))
+        else:
+            self.register_buffer("weight_int4", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("weight_scales_zeros", torch.empty(in_features // group_size, out_features, 2))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+        self.path, self.dense = "dequantize", None  # prepare() sets the device's path; this one runs anywhere
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int | None = None):
+        out, n_in = weight.shape
+        stored = quantize_int8(weight) if mode == "int8" else quantize_int4(weight, group_size)
+        return cls._of(n_in, out, mode, group_size, stored, None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def _of(cls, in_features, out_features, mode, group_size, stored, bias):
+        with torch.device("meta"):
+            m = cls(in_features, out_features, mode, group_size, bias is not None)
+        for name, t in zip(m.stored_names() + ("bias",), stored + (bias,)):
+            setattr(m, name, t)
+        return m
+
+    def stored_names(self) -> tuple[str, str]:
+        return ("weight_int8", "weight_scale") if self.mode == "int8" else ("weight_int4", "weight_scales_zeros")
+
+    @classmethod
+    def stack(cls, mods: list["QuantLinear"]) -> "QuantLinear":
+        """One module computing [m(x) for m in mods] concatenated (they read the same input): their rows stacked.
+        The members' stored tensors become views of the stack's, so the weights are held once."""
+        first = mods[0]
+        names = first.stored_names() + (("bias",) if first.bias is not None else ())
+        dims = {"weight_scales_zeros": 1}  # [groups, out, 2]; the others have out first
+        stacked = [torch.cat([getattr(m, n) for m in mods], dims.get(n, 0)) for n in names]
+        for n, whole in zip(names, stacked):
+            for m, part in zip(mods, whole.split([m.out_features for m in mods], dims.get(n, 0))):
+                setattr(m, n, part)
+        bias = stacked[2] if first.bias is not None else None
+        return cls._of(first.in_features, sum(m.out_features for m in mods), first.mode, first.group_size,
+                       tuple(stacked[:2]), bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in] (in the scales' dtype): what the quantized model multiplies by."""
+        if self.mode == "int8":
+            return self.weight_int8.to(self.weight_scale.dtype) * self.weight_scale[:, None]
+        return dequantize_int4(self.weight_int4, self.weight_scales_zeros, self.weight_scales_zeros.dtype)
+
+    def prepare(self):
+        """Make the device's runtime copies (plain attributes, not saved): call after the module is on its device."""
+        dev = self.weight_int8.device if self.mode == "int8" else self.weight_int4.device
+        self.path, self.dense = "dequantize", None
+        if dev.type == "cpu" and can_run_fbgemm():
+            q, scale = (self.weight_int8, self.weight_scale) if self.mode == "int8" else quantize_int8(self.weight)
+            self.path, self.packed = "fbgemm", fbgemm_pack(q, scale)
+        elif dev.type == "cuda" and self.mode == "int8":
+            self.path = "int8pack"
+        elif dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0) and (
+                tiles := int4_inner_k_tiles(self.in_features, self.out_features)):
+            self.path = "int4pack"
+            self.int4pack = torch.ops.aten._convert_weight_to_int4pack(self.weight_int4.contiguous(), tiles)
+            self.int4_scales_zeros = self.weight_scales_zeros.to(torch.bfloat16).contiguous()
+        else:
+            self.dense = self.weight
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.path == "fbgemm" and not torch.compiler.is_compiling():
+            y = rowwise_int8_linear(x2, self.packed) if x.dtype == torch.float32 else \
+                rowwise_int8_linear(x2.float(), self.packed).to(x.dtype)
+        elif self.path == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.weight_scale)
+        elif self.path == "int4pack":
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.int4pack,
+                                                   self.group_size, self.int4_scales_zeros).to(x.dtype)
+        else:
+            y = F.linear(x2, (self.dense if self.dense is not None else self.weight).to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}{group}"
+
+
+# --- whole models ------------------------------------------------------------------------------------------------
+
+
+def check_settings(model, mode: str, group_size: int | None) -> int | None:
+    """The group size to use (int4: DEFAULT_GROUP_SIZE unless given; int8: None); FastEagleError unless every
+    projection of model can take this mode and group size."""
+    if mode not in MODES:
+        raise FastEagleError(f"unknown quantization mode {mode!r} (int8 or int4)")
+    if mode == "int8":
+        if group_size is not None:
+            raise FastEagleError("a group size applies to int4 only (int8 has one scale per output channel)")
+        return None
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if group_size not in GROUP_SIZES:
+        raise FastEagleError(f"int4 group size {group_size}: must be one of {', '.join(map(str, GROUP_SIZES))}")
+    widths = {f"layers.{i}.{name}": lin.in_features for i, layer in enumerate(model.layers)
+              for name, lin in _projections(layer)}
+    for name, width in {**widths, "the LM head": model.args.dim}.items():
+        if width % group_size:
+            raise FastEagleError(f"int4 group size {group_size} does not divide the {width} input features of {name}")
+    return group_size
+
+
+def _projections(layer) -> list[tuple[str, Linear]]:
+    """(name within layer, Linear) of a layer's projections: q, k, v, o, gate, up, down."""
+    return [(n, m) for n, m in layer.named_modules() if isinstance(m, Linear)]
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module):
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent), attr, module)
+
+
+def _quantized_lm_head(model, head: "QuantLinear", quantization: dict):
+    """The LM head becomes `output` (untied or not); a tied embedding becomes a plain, unsaved buffer that
+    prepare_model fills with the LM head's dequantized table."""
+    model.output = head
+    if model.args.tie_embeddings:
+        w = model.embed.weight
+        del model.embed.weight
+        model.embed.register_buffer("weight", w.detach(), persistent=False)
+    model.quantization = quantization
+
+
+def quantize_model(model, mode: str, group_size: int | None = None, progress=lambda layers: layers):
+    """Quantize a fp target in place: its projections and LM head (check_settings first). progress wraps the list of
+    layers (a progress bar). Call prepare_model once the model is on its device."""
+    group_size = check_settings(model, mode, group_size)
+    with torch.no_grad():
+        for layer in progress(list(model.layers)):
+            for name, lin in _projections(layer):
+                _replace(layer, name, QuantLinear.quantize(lin.weight, lin.bias, mode, group_size))
+        head = QuantLinear.quantize(model.lm_head_weight(), None, mode, group_size)
+    _quantized_lm_head(model, head, {"mode": mode, "group_size": group_size})
+    return model
+
+
+def quantized_skeleton(model, quantization, where: str = "config"):
+    """Give a freshly built target (e.g. on the meta device) empty QuantLinear modules of a stored quantization
+    entry (checked; errors name `where`), so that the quantized checkpoint loads into it (checkpoint.load_weights)."""
+    if not isinstance(quantization, dict):
+        raise FastEagleError(f"{where}: bad quantization entry {quantization!r}")
+    mode, group_size = quantization.get("mode"), quantization.get("group_size")
+    try:
+        if mode == "int4" and group_size is None:
+            raise FastEagleError("int4 without a group size")
+        check_settings(model, mode, group_size)
+    except FastEagleError as e:
+        raise FastEagleError(f"{where}: bad quantization entry: {e}") from None
+    for layer in model.layers:
+        for name, lin in _projections(layer):
+            _replace(layer, name, QuantLinear(lin.in_features, lin.out_features, mode, group_size,
+                                              lin.bias is not None))
+    head = QuantLinear(model.args.dim, model.args.vocab_size, mode, group_size)
+    _quantized_lm_head(model, head, {"mode": mode, "group_size": group_size})
+    return model
+
+
+def prepare_model(model):
+    """Once the quantized model is on its device and dtype: fill the tied embedding from the LM head, give each
+    FusedInput group one stacked module (q/k/v, gate/up: one call each, as the fp CPU path packs them) and every
+    module its kernel's copies (QuantLinear.prepare)."""
+    if model.args.tie_embeddings:
+        model.embed.weight = model.output.weight.to(model.norm.weight.dtype)
+    grouped = set()
+    for m in model.modules():
+        if isinstance(m, FusedInput):
+            object.__setattr__(m, "group_linear", QuantLinear.stack(m.group()).prepare())  # not a submodule: unsaved
+            grouped.update(m.group())
+    for m in list(model.modules()):
+        if isinstance(m, QuantLinear) and m not in grouped:
+            m.prepare()
+    return model
