@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible on the same device)")
     add_device_flags(p)
     p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="quantize the target's weights on load (int4: groups of 64; see python -m fasteagle.quantize, "
+                   help="quantize the target's weights on load (int4: groups of 32; see python -m fasteagle.quantize, "
                         "whose checkpoints load quantized without this flag)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode phases (CUDA graphs on GPU)")
     p.add_argument("--threads", type=int, default=default_threads(),

@@ -1,7 +1,7 @@
 """python -m fasteagle.quantize CKPT OUT --mode int8|int4 [--group-size 32|64|128]
 
 Quantize a converted fp target checkpoint's linear layers and LM head (fasteagle/quant.py: int8 per output channel,
-int4 in groups of --group-size inputs, default 64) into OUT, an ordinary fasteagle checkpoint that generate, bench,
+int4 in groups of --group-size inputs, default 32) into OUT, an ordinary fasteagle checkpoint that generate, bench,
 train eval and the server load as they load any other; its tokenizer files and chat template are copied over. OUT
 is written atomically: a failed or interrupted run leaves nothing behind.
 """
@@ -21,7 +21,7 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", metavar="CKPT", type=Path, help="converted fp target checkpoint")
     p.add_argument("out", metavar="OUT", type=Path, help="output checkpoint directory (must not exist or be empty)")
     p.add_argument("--mode", required=True, help="int8 or int4")
-    p.add_argument("--group-size", type=int, help="int4: inputs per (scale, zero) group: 32, 64 or 128 (default 64)")
+    p.add_argument("--group-size", type=int, help="int4: inputs per (scale, zero) group: 32, 64 or 128 (default 32)")
     return p.parse_args(argv)
 
 
