@@ -18,12 +18,21 @@ def build_hf_model(target):
     from fasteagle.convert.hf import hf_name_to_ours
 
     a = target.args
+    if a.n_experts:
+        raise FastEagleError("method 'hf' does not support mixture-of-experts targets")
     cls_name, cfg_name = {"llama": ("LlamaForCausalLM", "LlamaConfig"),
                           "mistral": ("MistralForCausalLM", "MistralConfig"),
-                          "qwen2": ("Qwen2ForCausalLM", "Qwen2Config")}[a.arch]
+                          "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+                          "qwen3": ("Qwen3ForCausalLM", "Qwen3Config")}[a.arch]
     if a.qkv_bias and a.arch != "qwen2":
         raise FastEagleError("method 'hf': q/k/v biases are only supported for Qwen2 models")
-    extra = {"sliding_window": None} if a.arch in ("mistral", "qwen2") else {}
+    if a.sliding_window and a.arch not in ("mistral", "qwen2", "qwen3"):
+        raise FastEagleError(f"method 'hf': a sliding window on a {a.arch} model")
+    extra = {}
+    if a.arch in ("mistral", "qwen2", "qwen3"):  # the window on every layer, or none
+        extra = {"sliding_window": a.sliding_window}
+        if a.arch != "mistral":
+            extra.update(use_sliding_window=bool(a.sliding_window), max_window_layers=0)
     config = getattr(transformers, cfg_name)(
         vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.intermediate_size,
         num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,

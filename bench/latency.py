@@ -312,7 +312,7 @@ def choice_json(choice, policy) -> dict | None:
     row = lambda r: {"depth": r[0].depth, "top_k": r[0].top_k, "total_tokens": r[0].total_tokens, "tau": r[1],
                      "round_cost_ar_steps": round(r[2], 3), "predicted_speedup": round(r[3], 3)}
     return {"chosen": None if choice.shape is None else row(choice.table[0]),
-            "adaptive_set": [row(r) for r in choice.table[: len(policy.shapes)]] if policy else [],
+            "adaptive_set": [row(r) for s in policy.shapes for r in choice.table if r[0] == s] if policy else [],
             "table": [row(r) for r in choice.table]}
 
 

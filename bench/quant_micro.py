@@ -3,7 +3,7 @@
     python bench/quant_micro.py [--threads 1,2] [--rows 1,4,10] [--checkpoint DIR | --no-model] [--json FILE]
 
 - Per layer (q/k/v stacked, o, gate/up stacked, down, LM head): one call of the layer as the eager CPU engine runs
-  it: fp32 through model.packed_linear (oneDNN-packed weights for several rows or 2+ threads, MKL otherwise), int8
+  it: fp32 through linear.packed_linear (oneDNN-packed weights for several rows or 2+ threads, MKL otherwise), int8
   through QuantLinear (rowwise_int8_linear: the row-independent fbgemm path, its overhead included; an int4
   checkpoint runs the same path on a CPU), and torch's own CPU int4 kernel (_weight_int4pack_mm_for_cpu, group 64)
   for reference. Each timing cycles over enough copies of the weight to exceed the last-level cache, as a forward
@@ -21,7 +21,8 @@ import time
 import torch
 
 from fasteagle import quant
-from fasteagle.model import causal_mask, pack_weight, packed_linear
+from fasteagle.linear import pack_weight, packed_linear
+from fasteagle.model import causal_mask
 
 LAYERS = {"qkv": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536), "lm head": (49152, 576)}
 LLC_BYTES = 64 << 20

@@ -58,12 +58,12 @@ def build_random(args_m, device, dtype, max_seq_len, backend, draft_vocab: int =
     """Target + head with random weights and the target's cache set up. With draft_vocab, the head stores V_d random
     target ids as its draft vocabulary, but starts with the full vocabulary in use (use_draft_vocab switches)."""
     from fasteagle.draft import DraftHead
-    from fasteagle.model import ModelArgs, Transformer
+    from fasteagle.model import Transformer
 
     torch.manual_seed(0)
     with torch.device("meta"):
         target = Transformer(args_m)
-        head = DraftHead(ModelArgs(**{**args_m.to_dict(), "n_layers": 1}), draft_vocab_size=draft_vocab)
+        head = DraftHead(args_m.draft_layer(), draft_vocab_size=draft_vocab)
     target = target.to(dtype).to_empty(device=device)
     head = head.to(dtype).to_empty(device=device)
     _random_init(target)
@@ -185,7 +185,7 @@ def time_verify(target, margs, lens, widths, a, table, cost):
             pos = (L + depth)[None]
             w = key_window(cost.backend, target.max_seq_len, L + N)
             t = time_calls(lambda: verify_fn(tokens, pos, cl, mask, w), cost.dev, cost.warm, a.reps)
-            table.add("verify", L, N, t, cost.target(L + N, w), window=w)
+            table.add("verify", L, N, t, cost.target(L + N, w, N), window=w)
 
 
 def time_draft_levels(head, cap, lens, ks, draft_vocab, a, table, cost):
@@ -229,7 +229,7 @@ class Cost:
         self.warm = max(a.warmup, 3 if a.compile else 1)  # CUDA graphs record on the third call
         self.mode = "reduce-overhead" if a.device == "cuda" else "default"
         el = target.embed.weight.element_size()
-        self.weight_bytes = weight_bytes_per_forward(target)
+        self.model, self.weight_bytes = target, weight_bytes_per_forward
         self.kv_slot = kv_bytes_per_forward(target.args, el, 1)
         self.head_kv_slot = kv_bytes_per_forward(head.args, el, 1)
         self.head_bytes = sum(p.numel() * p.element_size() for p in head.parameters())
@@ -238,8 +238,8 @@ class Cost:
     def _slots(self, live, window):
         return live if self.backend == "triton" or window is None else window
 
-    def target(self, live, window):
-        return self.weight_bytes + self.kv_slot * self._slots(live, window)
+    def target(self, live, window, tokens=1):
+        return self.weight_bytes(self.model, tokens) + self.kv_slot * self._slots(live, window)
 
     def head(self, vocab_rows, live, window):
         return self.head_bytes + vocab_rows * self.row_bytes + self.head_kv_slot * self._slots(live, window)

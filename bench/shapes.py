@@ -33,6 +33,19 @@ SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                          intermediate_size=1536, rope_theta=100000.0, tie_embeddings=True,
                          max_position_embeddings=8192),
+    "mistral-7b-v0.1": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                            intermediate_size=14336, rope_theta=10000.0, max_position_embeddings=32768,
+                            sliding_window=4096, arch="mistral"),
+    "mixtral-8x7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                         intermediate_size=14336, rope_theta=1e6, max_position_embeddings=32768, n_experts=8,
+                         n_experts_per_tok=2, arch="mixtral"),
+    # Mixtral's expert layout (8 experts, top-2, GQA 4) at 1/4 of its width and 1/4 of its depth: fits a CPU
+    "mixtral-8x7b-quarter": dict(vocab_size=32000, dim=1024, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=128,
+                                 intermediate_size=3584, rope_theta=1e6, max_position_embeddings=32768, n_experts=8,
+                                 n_experts_per_tok=2, arch="mixtral"),
+    "qwen3-8b": dict(vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
+                     intermediate_size=12288, rope_theta=1e6, max_position_embeddings=40960, qk_norm=True,
+                     arch="qwen3"),
     "smollm2-1.7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, head_dim=64,
                          intermediate_size=8192, rope_theta=130000.0, tie_embeddings=True,
                          max_position_embeddings=8192),
@@ -95,13 +108,19 @@ def shape_args(shape: str) -> tuple[str, ModelArgs]:
     raise FastEagleError(f"--shape: unknown shape {shape!r} (known: {', '.join(SHAPES)}, or a JSON object)")
 
 
-def weight_bytes_per_forward(model: torch.nn.Module) -> int:
-    """Bytes of weights one batch-1 forward of the target reads: every stored weight (a quantized target's: its int8 /
-    int4 tensors and scales), except an untied input embedding (only one row per token is gathered; a tied one is
-    read whole by the LM head)."""
+def weight_bytes_per_forward(model: torch.nn.Module, tokens: int = 1) -> int:
+    """Bytes of weights one batch-1 forward of `tokens` tokens of the target reads: every stored weight (a quantized
+    target's: its int8 / int4 tensors and scales), except an untied input embedding (only one row per token is
+    gathered; a tied one is read whole by the LM head), and of a mixture of experts' stacked expert weights the
+    min(tokens x k, E) expert slices it evaluates (moe.py)."""
+    a = model.args
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if not model.args.tie_embeddings:
+    if not a.tie_embeddings:
         total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    if a.n_experts:
+        experts = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
+                      if k.endswith((".mlp.w1", ".mlp.w2", ".mlp.w3")))
+        total -= experts - experts * min(tokens * a.n_experts_per_tok, a.n_experts) // a.n_experts
     return total
 
 

@@ -20,12 +20,14 @@ def _add_target(sub, name: str, help: str, src_help: str, tok_help: str, run):
     p.add_argument("--tokenizer", metavar="PATH", help=tok_help)
     p.add_argument("--dtype", choices=list(DTYPES), help="weight dtype to store (default: see above)")
     p.set_defaults(run=lambda a: run(a.src, a.out_dir, dtype=a.dtype, tokenizer=a.tokenizer))
+    return p
 
 
 def add_hf(sub):
     from fasteagle.convert.hf import convert_hf
 
-    _add_target(sub, "hf", "Hugging Face Llama/Mistral/Qwen2 model directory (default dtype: the config's)",
+    _add_target(sub, "hf", "Hugging Face Llama/Mistral/Mixtral/Qwen2/Qwen3 model directory (default dtype: the "
+                "config's)",
                 "model directory with config.json and *.safetensors or pytorch_model*.bin",
                 "directory with HF tokenizer files (default: SRC)", convert_hf)
 
@@ -33,8 +35,14 @@ def add_hf(sub):
 def add_gguf(sub):
     from fasteagle.convert.gguf import convert_gguf
 
-    _add_target(sub, "gguf", "llama-architecture GGUF file, dequantized (default dtype: float32)", "the .gguf file",
-                "directory with HF tokenizer files (default: the tokenizer in the GGUF metadata)", convert_gguf)
+    p = _add_target(sub, "gguf", "GGUF file (llama, qwen2, qwen3 architecture), dequantized unless --keep-quantized "
+                    "(default dtype: float32)", "the .gguf file",
+                    "directory with HF tokenizer files (default: the tokenizer in the GGUF metadata)", convert_gguf)
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="keep Q4_0 / Q4_1 / Q8_0 weights quantized (int4 / int8 in groups of 32, value for value): "
+                        "a quantized checkpoint, as python -m fasteagle.quantize writes")
+    p.set_defaults(run=lambda a: convert_gguf(a.src, a.out_dir, dtype=a.dtype, tokenizer=a.tokenizer,
+                                              keep_quantized=a.keep_quantized))
 
 
 def add_llama2c(sub):

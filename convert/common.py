@@ -61,17 +61,27 @@ def check_args(args: ModelArgs, where: str):
         raise FastEagleError(f"{where}: head_dim ({args.head_dim}) must be even for rotary embeddings")
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+def expected_tensors(args: ModelArgs, quantization: dict | None = None) -> dict[str, torch.Tensor]:
+    """The state dict (meta tensors: names, shapes, dtypes) a checkpoint of args (and quantization) holds."""
+    from fasteagle.quant import quantized_skeleton
+
     with torch.device("meta"):
         model = Transformer(args)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if quantization:
+            quantized_skeleton(model, quantization)
+    return model.state_dict()
 
 
-def check_state(state: dict, args: ModelArgs, where: str, origin: dict | None = None):
-    """Names and shapes of converted weights must match what ModelArgs implies.
+QUANTIZED_STORES = ("weight_int8", "weight_int4", "weight_scale", "weight_scales_zeros")  # kept as they are
+
+
+def check_state(state: dict, args: ModelArgs, where: str, origin: dict | None = None,
+                quantization: dict | None = None):
+    """Names and shapes of converted weights must match what ModelArgs (and the quantization entry) implies.
     origin maps our names to the source's tensor names, for error messages."""
     origin = origin or {}
-    expected = expected_shapes(args)
+    tensors = expected_tensors(args, quantization)
+    expected = {k: tuple(v.shape) for k, v in tensors.items()}
     missing = [k for k in expected if k not in state]
     if missing:
         more = " ..." if len(missing) > 8 else ""
@@ -85,6 +95,8 @@ def check_state(state: dict, args: ModelArgs, where: str, origin: dict | None = 
             raise FastEagleError(
                 f"{where}: tensor {origin.get(k, k)} has shape {tuple(state[k].shape)} but the config implies {shape}"
             )
+        if not tensors[k].is_floating_point() and state[k].dtype != tensors[k].dtype:
+            raise FastEagleError(f"{where}: tensor {origin.get(k, k)} is {state[k].dtype}, not {tensors[k].dtype}")
 
 
 def check_out_dir(out_dir):
@@ -104,14 +116,18 @@ def progress(items, desc: str):
 
 
 def write_target(out_dir, args: ModelArgs, state: dict, dtype: torch.dtype, export_tokenizer, source: dict,
-                 origin: dict | None = None) -> Path:
+                 origin: dict | None = None, quantization: dict | None = None) -> Path:
     """Validate `state` against `args`, then write config.json + model.safetensors + tokenizer files into
-    OUT_DIR atomically. export_tokenizer(dir) writes the tokenizer files and returns the config entries."""
+    OUT_DIR atomically. export_tokenizer(dir) writes the tokenizer files and returns the config entries.
+    quantization: the checkpoint's quantization entry (fasteagle/quant.py) when state holds quantized weights; those
+    are written as they are, every other tensor in dtype."""
     where = source.get("path", "source")
-    check_state(state, args, where, origin)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    check_state(state, args, where, origin, quantization)
+    state = {k: v if k.endswith(QUANTIZED_STORES) else v.to(dtype) for k, v in state.items()}
     with atomic_output_dir(out_dir) as tmp:
         tok = export_tokenizer(tmp)
         config = {"kind": "target", "model": args.to_dict(), **tok, "source": {**source, "dtype": dtype_name(dtype)}}
+        if quantization:
+            config["quantization"] = quantization
         write_checkpoint(tmp, config, state)
     return Path(out_dir)

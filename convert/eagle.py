@@ -109,8 +109,9 @@ def _eagle_head(src, cfg, tensors, tcfg) -> DraftHead:
         state[ours] = t
     if "fc.bias" in state and not fc_bias:
         raise FastEagleError(f"{src}: config.json says bias=false but the weights have fc.bias")
-    # the head's own target-side geometry: vocabulary and tied-ness come from the target
-    args = ModelArgs(**{**args.to_dict(), "tie_embeddings": False})
+    # the head's own target-side geometry: vocabulary and tied-ness come from the target; its layer is a dense
+    # LLaMA layer whatever the target's family (a Mixtral head's config names the experts its layer does not have)
+    args = ModelArgs(**{**args.draft_layer().to_dict(), "tie_embeddings": False})
     return _load_checked(src, DraftHead(args, fc_bias=fc_bias), state)
 
 

@@ -1,7 +1,8 @@
-"""Hugging Face model directory (Llama / Mistral / Qwen2 family) -> fasteagle checkpoint.
+"""Hugging Face model directory (Llama / Mistral / Mixtral / Qwen2 / Qwen3 family) -> fasteagle checkpoint.
 
-HF q/k projections already use the rotate-half rope layout model.py uses, so weights are only renamed
-(and cast); the work here is reading every storage variant and validating the config."""
+HF q/k projections already use the rotate-half rope layout model.py uses, so weights are only renamed (and cast;
+Mixtral's per-expert projections are stacked into one [E, ...] tensor each); the work here is reading every storage
+variant and validating the config."""
 import json
 import re
 import struct
@@ -9,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from fasteagle.convert.common import check_args, check_out_dir, parse_dtype, progress, warn, write_target
+from fasteagle.convert.common import check_args, check_out_dir, parse_dtype, progress, write_target
 from fasteagle.errors import FastEagleError
 from fasteagle.model import ModelArgs
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral",
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
 
 # HF name -> ours; {i} is the layer index.
 _RENAMES = [
@@ -30,10 +32,14 @@ _RENAMES = [
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"layers.\1.mlp.w2.\2"),
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight", r"layers.\1.attn.\2.weight"),  # Qwen3
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight", r"layers.\1.mlp.gate.weight"),  # Mixtral's router
 ]
 _RENAMES = [(re.compile(p + "$"), r) for p, r in _RENAMES]
 # Buffers some older checkpoints saved that carry no information.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# Mixtral's experts, one tensor each in HF checkpoints; stacked here into layers.{i}.mlp.w1/w2/w3 [E, ...].
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 
 def hf_name_to_ours(name: str) -> str | None:
@@ -79,7 +85,7 @@ def model_args_from_hf(cfg: dict, where: str) -> tuple[ModelArgs, dict]:
         raise FastEagleError(f"{where}: unsupported hidden_act {act!r} (the model implements SwiGLU with silu)")
     if cfg.get("mlp_bias"):
         raise FastEagleError(f"{where}: mlp_bias=true is not supported")
-    if family == "llama" and cfg.get("attention_bias"):
+    if family in ("llama", "qwen3") and cfg.get("attention_bias"):
         raise FastEagleError(f"{where}: attention_bias=true is not supported (o_proj bias is not implemented)")
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
@@ -99,6 +105,10 @@ def model_args_from_hf(cfg: dict, where: str) -> tuple[ModelArgs, dict]:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             qkv_bias=family == "qwen2",
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qk_norm=family == "qwen3",
+            sliding_window=_sliding_window(cfg, family, int(cfg["num_hidden_layers"]), where),
+            n_experts=int(cfg["num_local_experts"]) if family == "mixtral" else 0,
+            n_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
             arch=family,
         )
     except KeyError as e:
@@ -107,21 +117,28 @@ def model_args_from_hf(cfg: dict, where: str) -> tuple[ModelArgs, dict]:
         raise FastEagleError(f"{where}: bad value in config.json: {e}") from None
     check_args(args, where)
 
-    notes = {"architecture": arch}
-    # Sliding-window attention is not implemented: the engine always attends to the whole context, which equals
-    # the HF model only while the context is shorter than the window.
+    return args, {"architecture": arch}
+
+
+def _sliding_window(cfg: dict, family: str, n_layers: int, where: str) -> int | None:
+    """The attention window every layer uses, or None (full attention), as transformers reads the config: Mistral
+    and Mixtral apply `sliding_window` to all layers when set; Qwen2/3 only with use_sliding_window, to the layers
+    from max_window_layers on (or as `layer_types` says). A mix of windowed and full layers is refused."""
     window = cfg.get("sliding_window")
-    uses_window = family == "mistral" or (family == "qwen2" and cfg.get("use_sliding_window"))
-    if uses_window and window:
-        notes["sliding_window"] = window
-        notes["attention"] = "full attention (sliding window not implemented)"
-        if window < args.max_position_embeddings:
-            warn(
-                f"{where}: the model was trained with sliding_window={window} < max_position_embeddings="
-                f"{args.max_position_embeddings}; fasteagle uses full attention, so outputs differ from the original "
-                f"beyond {window} tokens"
-            )
-    return args, notes
+    if family in ("llama",) or not window:
+        return None
+    if family in ("mistral", "mixtral"):
+        return int(window)
+    if not cfg.get("use_sliding_window"):
+        return None
+    types = cfg.get("layer_types") or ["sliding_attention" if i >= cfg.get("max_window_layers", n_layers)
+                                       else "full_attention" for i in range(n_layers)]
+    if all(t == "full_attention" for t in types):
+        return None
+    if any(t != "sliding_attention" for t in types):
+        raise FastEagleError(f"{where}: layers mixing sliding-window and full attention are not supported "
+                             f"(layer_types: {sorted(set(types))})")
+    return int(window)
 
 
 def _check_safetensors(path: Path):
@@ -198,9 +215,22 @@ def read_hf_state(src: Path, args: ModelArgs, dtype: torch.dtype) -> tuple[dict,
     """All tensors renamed to our module names and cast to dtype. Returns (state, our name -> HF name)."""
     state, origin = {}, {}
     unknown = []
+    experts = {}  # our stacked name -> {expert index: tensor}, until all n_experts are there
     for path in weight_files(src):
         reader = _iter_safetensors(path) if path.suffix == ".safetensors" else _iter_torch_bin(path)
         for name, t in progress(reader, desc=f"reading {path.name}"):
+            m = _EXPERT.match(name) if args.n_experts else None
+            if m:
+                ours = f"layers.{m[1]}.mlp.{m[3]}"
+                if int(m[2]) >= args.n_experts:
+                    raise FastEagleError(f"{src}: tensor {name} names expert {m[2]} of {args.n_experts}")
+                got = experts.setdefault(ours, {})
+                got[int(m[2])] = t.to(dtype)
+                if len(got) == args.n_experts:  # stack as soon as complete: the per-expert copies are freed
+                    state[ours] = torch.stack([got[j] for j in range(args.n_experts)])
+                    origin[ours] = name.replace(f".experts.{m[2]}.", ".experts.*.")
+                    del experts[ours]
+                continue
             ours = hf_name_to_ours(name)
             if ours is None:
                 if not _IGNORED.match(name):
@@ -211,6 +241,9 @@ def read_hf_state(src: Path, args: ModelArgs, dtype: torch.dtype) -> tuple[dict,
             state[ours], origin[ours] = t.to(dtype), name
     if unknown:
         raise FastEagleError(f"{src}: unexpected tensors for {args.arch}: {', '.join(unknown[:8])}")
+    for ours, got in experts.items():
+        missing = sorted(set(range(args.n_experts)) - set(got))
+        raise FastEagleError(f"{src}: {ours}: the weights of experts {missing} are missing")
     return state, origin
 
 

@@ -19,9 +19,9 @@ import torch.nn as nn
 from fasteagle import eagle3
 from fasteagle.checkpoint import atomic_output_dir, load_weights, read_config, write_checkpoint
 from fasteagle.errors import FastEagleError
-from fasteagle.model import (QUANTIZE_MIN_NUMEL, Linear, ModelArgs, TransformerBlock, can_pack, can_quantize,
-                             dequantize_linears, pack_linears, pack_weight, packed_linear, quantize_linears, quantize_weight,
-                             quantized_linear, run_layers, setup_static_cache)
+from fasteagle.linear import (QUANTIZE_MIN_NUMEL, Linear, can_pack, can_quantize, dequantize_linears, pack_linears,
+                              pack_weight, packed_linear, quantize_linears, quantize_weight, quantized_linear)
+from fasteagle.model import ModelArgs, TransformerBlock, run_layers, setup_static_cache
 
 
 class DraftHead(nn.Module):
@@ -78,10 +78,10 @@ class DraftHead(nn.Module):
         if self.head_qpacked is not None:
             self.head_qpacked = quantize_weight(w)
 
-    head_packed = None  # the ranking weight (draft vocabulary rows or the LM head), packed (model.Linear)
+    head_packed = None  # the ranking weight (draft vocabulary rows or the LM head), packed (linear.Linear)
 
     def pack(self, rows: int = 8) -> bool:
-        """CPU: pack the layer's, fc's and the ranking LM-head rows' weights for multi-row inputs (model.Linear)."""
+        """CPU: pack the layer's, fc's and the ranking LM-head rows' weights for multi-row inputs (linear.Linear)."""
         w = self.lm_head_weight if self.vocab_weight is None else self.vocab_weight
         if not can_pack(w) or not pack_linears(self, rows):
             return False
@@ -92,9 +92,9 @@ class DraftHead(nn.Module):
     head_qpacked = None  # the ranking weight as int8 (quantize)
 
     def quantize(self, on: bool = True, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
-        """CPU: rank with, and run the layer and fc through, int8 copies of their weights (model.quantize_weight):
+        """CPU: rank with, and run the layer and fc through, int8 copies of their weights (linear.quantize_weight):
         each draft level then streams a quarter of the bytes. Lossless all the same: only the proposals change.
-        Weights under min_numel elements stay fp32 (model.quantize_linears). quantize(False) drops the copies.
+        Weights under min_numel elements stay fp32 (linear.quantize_linears). quantize(False) drops the copies.
         Returns whether the head now runs (partly) int8."""
         if not on:
             dequantize_linears(self)
@@ -152,7 +152,7 @@ class DraftHead(nn.Module):
 
 
 def cpu_fast_paths(target, head=None, int8: bool = True) -> bool:
-    """Eager CPU forwards as the engine runs them: packed fp32 weights for multi-row inputs (model.Linear) in the
+    """Eager CPU forwards as the engine runs them: packed fp32 weights for multi-row inputs (linear.Linear) in the
     target and the head, and the head's int8 copies when int8 (DraftHead.quantize). Returns whether the head runs
     int8. No-op elsewhere (GPU, other dtypes)."""
     target.pack()

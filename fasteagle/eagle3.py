@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from fasteagle.errors import FastEagleError
-from fasteagle.model import (QUANTIZE_MIN_NUMEL, Attention, FeedForward, Linear, ModelArgs, RMSNorm, can_pack,
-                             can_quantize, dequantize_linears, pack_linears, quantize_linears, run_layers,
-                             setup_static_cache)
+from fasteagle.linear import (QUANTIZE_MIN_NUMEL, Linear, can_pack, can_quantize, dequantize_linears, pack_linears,
+                              quantize_linears)
+from fasteagle.model import Attention, FeedForward, ModelArgs, RMSNorm, run_layers, setup_static_cache
 
 ARCH = "eagle3"
 
@@ -45,10 +45,10 @@ class Eagle3Layer(nn.Module):
         self.hidden_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos_sin, slots, cache_len, attn_mask, visible):
+    def forward(self, x, cos_sin, slots, cache_len, attn_mask, visible, positions=None):
         emb, feat = x.chunk(2, dim=-1)
         a = torch.cat([self.input_norm(emb), self.hidden_norm(feat)], -1)
-        h = feat + self.attn(a, cos_sin, slots, cache_len, attn_mask, visible)
+        h = feat + self.attn(a, cos_sin, slots, cache_len, attn_mask, visible, positions)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -112,7 +112,7 @@ class Eagle3Head(nn.Module):
         return torch.cat([emb, features], -1)
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits [m, V_d] of out [m, dim] (model.Linear: int8 / packed on CPU when set up)."""
+        """Draft-vocabulary logits [m, V_d] of out [m, dim] (linear.Linear: int8 / packed on CPU when set up)."""
         return self.lm_head(self.norm(out)).float()
 
     def topk(self, out: torch.Tensor, k: int, temperature: float = 1.0):
@@ -128,11 +128,11 @@ class Eagle3Head(nn.Module):
         return logp, self.draft_vocab[ids]
 
     def pack(self, rows: int = 8) -> bool:
-        """CPU: packed fp32 weights for multi-row inputs (model.Linear), the LM head's included."""
+        """CPU: packed fp32 weights for multi-row inputs (linear.Linear), the LM head's included."""
         return can_pack(self.fc.weight) and pack_linears(self, rows)
 
     def quantize(self, on: bool = True, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
-        """CPU: int8 copies of the head's weights (model.quantize_linears), the LM head's included; off: drop them.
+        """CPU: int8 copies of the head's weights (linear.quantize_linears), the LM head's included; off: drop them.
         Lossless all the same: only the proposals change."""
         if not on:
             dequantize_linears(self)

@@ -1,4 +1,4 @@
-"""A LLaMA-family transformer with a static KV cache (Llama-2/3/3.1, Vicuna, Mistral, Qwen2, SmolLM2).
+"""A LLaMA-family transformer with a static KV cache (Llama-2/3/3.1, Vicuna, Mistral, Mixtral, Qwen2/3, SmolLM2).
 
 One forward serves prefill, decode, tree verification and batched data generation:
 
@@ -8,7 +8,10 @@ The key block is the W cache slots [cache_len[b], cache_len[b] + W); the new K/V
 to its last T slots (W == T except for the draft head's tree steps, whose queries also see earlier tree levels).
 Query i of row b sees every slot j < cache_len[b] plus the block slots where attn_mask[i, j - cache_len[b]] is
 true: a causal mask for prefill/decode, the tree's ancestor mask for verification. Positions (for RoPE) are independent of slots,
-so a tree node at depth d sits at position cache_len + d while occupying slot cache_len + its index.
+so a tree node at depth d sits at position cache_len + d while occupying slot cache_len + its index. With a sliding
+window (Mistral) a query at position p also sees only keys at positions > p - window; the committed context sits
+in slot order, so below cache_len a key's position is its slot (visible_keys).
+Per family: Qwen3 normalises each head's q and k (qk_norm), Mixtral's feed-forward is a mixture of experts (moe.py).
 
 The cache: every layer owns two buffers, k and v [B, n_kv_heads, max_seq_len, head_dim], written with index_put_,
 which inductor lowers in place. (A scatter_, or any write into views of one shared [n_layers, ...] buffer whose
@@ -20,12 +23,14 @@ caller passes a bucket >= cache_len + W, so attention costs grow with the live c
 `logits(hidden)` applies the LM head. Rotary embeddings use the Hugging Face (rotate-half) layout.
 """
 import math
-import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fasteagle.linear import FusedInput, Linear, pack_linears, pack_weight, packed_linear
+from fasteagle.moe import MoEFeedForward
 
 
 @dataclass
@@ -43,7 +48,11 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     qkv_bias: bool = False  # Qwen2
     tie_embeddings: bool = False  # SmolLM2, Qwen2-0.5B/1.5B
-    arch: str = "llama"  # llama | mistral | qwen2 (informational: all share this code path)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    sliding_window: int | None = None  # Mistral: query at position p sees keys at positions > p - sliding_window
+    n_experts: int = 0  # Mixtral: a mixture-of-experts feed-forward (moe.py) with this many experts
+    n_experts_per_tok: int = 2
+    arch: str = "llama"  # llama | mistral | qwen2 | qwen3 | mixtral (informational: all share this code path)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -55,6 +64,12 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def draft_layer(self) -> "ModelArgs":
+        """The args of a draft head's one decoder layer for this target: the same shapes, but a plain dense LLaMA
+        layer (no experts, no q/k norm, full attention), as the EAGLE heads of these targets are."""
+        return ModelArgs.from_dict({**self.to_dict(), "n_layers": 1, "qk_norm": False, "sliding_window": None,
+                                    "n_experts": 0})
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -91,170 +106,6 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
-class Linear(nn.Linear):
-    """nn.Linear, plus optional CPU fast paths (both opt-in, set by the engine on CPU):
-
-    - packed: at batch 1 a CPU step streams every weight from memory; MKL's GEMM for a few rows repacks each weight
-      on every call and costs about twice its GEMV (measured on 2 AVX2 cores: 8 rows ~2.6x one row over SmolLM2's
-      weights). `pack_linears` gives each layer a oneDNN copy of its weight, packed once: multi-row inputs (tree
-      verification) then cost ~1.2x one row, and one row is ~10% faster too with 2 threads (packed_linear).
-      Doubles the weights' memory.
-    - qpacked: an int8 copy (quantize_linears), for the draft head only (quantize_weight)."""
-
-    packed = None  # oneDNN-packed weight (plain attribute: not saved, not moved)
-    qpacked = None  # int8 copy for torch's dynamic quantized linear (quantize_linears): used for every input
-
-    def forward(self, x):
-        if self.qpacked is not None:
-            return quantized_linear(x, self.qpacked)
-        return packed_linear(x, self.weight, self.packed, self.bias)
-
-
-def can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def pack_weight(weight: torch.Tensor, rows: int = 8) -> torch.Tensor:
-    """The oneDNN-packed copy of a [out, in] fp32 CPU weight, tuned for inputs of `rows` rows."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-
-
-def pack_linears(model: nn.Module, rows: int = 8) -> bool:
-    """Give every `Linear` of model a packed weight (see Linear), the projections that read the same input (an
-    attention's wq, wk, wv; a feed-forward's gate and up) one packed weight per group (FusedInput); False (nothing
-    done) off CPU / fp32 / oneDNN."""
-    mods = [m for m in model.modules() if isinstance(m, Linear)]
-    if not mods or not can_pack(mods[0].weight):
-        return False
-    grouped = set()
-    for m in model.modules():
-        if isinstance(m, FusedInput):
-            m.pack_group(rows)
-            grouped.update(m.group())
-    for m in mods:
-        if m.packed is None and m not in grouped:
-            m.packed = pack_weight(m.weight, rows)
-    return True
-
-
-PACKED_ONE_ROW_MIN_THREADS = 2
-
-
-def use_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
-    """Whether an eager CPU linear on x takes its packed weight: for multi-row inputs always, for one row with
-    PACKED_ONE_ROW_MIN_THREADS threads or more (measured on 2 AVX2 cores: oneDNN's packed GEMV beats MKL's sgemv
-    with 2 threads, loses to it with 1). Never while compiling (inductor: the plain linear)."""
-    return (packed is not None and not torch.compiler.is_compiling()
-            and (x.numel() > x.shape[-1] or torch.get_num_threads() >= PACKED_ONE_ROW_MIN_THREADS))
-
-
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the packed copy when use_packed says so."""
-    if use_packed(x, packed):
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-class FusedInput(nn.Module):
-    """A module whose `group()` of Linears all read the same input. On CPU the group gets one packed weight
-    (pack_linears) or one int8 copy (quantize_linears), their rows stacked: one call instead of three (q, k, v) or
-    two (gate, up). Each call has a fixed cost (~50-80 us on 2 cores) that dominates SmolLM2's small GEMMs, more so
-    for the few-row inputs of tree verification (measured on SmolLM2-135M, 2 threads: verify(3) 1.21x -> 1.13x the
-    one-token step). The members keep their own weights: checkpoints, GPU and compiled forwards are unchanged."""
-
-    group_packed = None  # [sum of the group's out features, in], oneDNN-packed (pack_group); plain attribute
-    group_qpacked = None  # the same rows as int8 (quantize_group)
-    group_bias = None
-    group_linear = None  # a quantized target's stacked projection (quant.prepare_model), used on every device
-
-    def group(self) -> list[Linear]:
-        raise NotImplementedError
-
-    def _stacked(self):
-        mods = self.group()
-        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
-        return torch.cat([m.weight.detach() for m in mods]), bias
-
-    def pack_group(self, rows: int):
-        if self.group_packed is None:
-            w, self.group_bias = self._stacked()
-            self.group_packed = pack_weight(w, rows)
-
-    def quantize_group(self, min_numel: int):
-        w, bias = self._stacked()
-        if self.group_qpacked is None and w.numel() >= min_numel:
-            self.group_qpacked = quantize_weight(w, bias)
-
-    def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[m(x) for m in group()], in one call when there is a stacked copy to take (int8 first)."""
-        mods = self.group()
-        if self.group_linear is not None:
-            y = self.group_linear(x)
-        elif self.group_qpacked is not None:
-            y = quantized_linear(x, self.group_qpacked)
-        elif use_packed(x, self.group_packed):
-            y = torch.ops.mkldnn._linear_pointwise(x, self.group_packed, self.group_bias, "none", [], "")
-        else:
-            return [m(x) for m in mods]
-        return y.split([m.out_features for m in mods], dim=-1)
-
-
-def can_quantize(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.quantized.engine in ("x86", "fbgemm"))
-
-
-def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """An int8 copy of a [out, in] fp32 CPU weight (one scale per output row), prepacked for torch's dynamic
-    quantized linear: activations are quantized per call, products accumulate in int32. A quarter of the fp32
-    weight's bytes, so a memory-bound CPU GEMV runs ~2-5x faster, at ~1-2% relative error: for the draft head
-    only, whose output just proposes tokens (verification by the fp32 target keeps generation lossless)."""
-    w = weight.detach()
-    scale = (w.abs().amax(1).double() / 127).clamp(min=1e-12)
-    with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the op itself is the supported
-        warnings.simplefilter("ignore")  # path to fbgemm's int8 GEMM
-        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach())
-
-
-def quantized_linear(x: torch.Tensor, qpacked) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, qpacked, True)
-
-
-QUANTIZE_MIN_NUMEL = 1 << 16
-
-
-def quantize_linears(model: nn.Module, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
-    """Give every `Linear` of model with at least min_numel weights an int8 copy (quantize_weight), used for all
-    its inputs from then on; a FusedInput's group gets one stacked copy instead. Smaller weights stay fp32: the
-    dynamic op's per-call quantization costs more than the bytes it saves there (measured: a 64 x 32 weight takes
-    44 us in int8 vs 8 us in fp32). Returns whether any weight was quantized. dequantize_linears undoes it."""
-    mods = [m for m in model.modules() if isinstance(m, Linear)]
-    if not mods or not can_quantize(mods[0].weight):
-        return False
-    grouped = set()
-    for m in model.modules():
-        if isinstance(m, FusedInput):
-            m.quantize_group(min_numel)
-            grouped.update(m.group())
-    for m in mods:
-        if m.qpacked is None and m not in grouped and m.weight.numel() >= min_numel:
-            m.qpacked = quantize_weight(m.weight, m.bias)
-    return any(m.qpacked is not None for m in mods) or any(
-        isinstance(m, FusedInput) and m.group_qpacked is not None for m in model.modules())
-
-
-def dequantize_linears(model: nn.Module):
-    """Drop the int8 copies quantize_linears made."""
-    for m in model.modules():
-        if isinstance(m, Linear):
-            m.qpacked = None
-        if isinstance(m, FusedInput):
-            m.group_qpacked = None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -283,19 +134,30 @@ class KVCache(nn.Module):
         self.v[rows, :, slots] = v.transpose(1, 2)
 
 
-def visible_keys(cache_len: torch.Tensor, attn_mask: torch.Tensor, n_keys: int) -> torch.Tensor:
+def visible_keys(cache_len: torch.Tensor, attn_mask: torch.Tensor, n_keys: int, positions: torch.Tensor | None = None,
+                 window: int = 0) -> torch.Tensor:
     """Which of the cache slots [0, n_keys) each query may attend to: [B, 1, T, n_keys] bool.
 
     cache_len: [B] int64. attn_mask: [T, W] or [B, T, W] bool over the key block [cache_len, cache_len + W)
-    (row = query, col = key); every slot below cache_len is visible, every slot past the block is not."""
+    (row = query, col = key); every slot below cache_len is visible, every slot past the block is not.
+    window (sliding-window attention; needs W == T and positions [B, T]): a query at position p also sees only keys
+    at positions > p - window. A key's position is its slot below cache_len (the committed context sits in order)
+    and the position of the new token written there inside the block."""
     T, W = attn_mask.shape[-2:]
+    B = cache_len.shape[0]
     if attn_mask.dim() == 2:
-        attn_mask = attn_mask.unsqueeze(0).expand(cache_len.shape[0], T, W)
+        attn_mask = attn_mask.unsqueeze(0).expand(B, T, W)
     slot = torch.arange(n_keys, device=cache_len.device)
     rel = slot[None, :] - cache_len[:, None]  # [B, S]: slot index relative to the key block
     in_block = (rel >= 0) & (rel < W)
     block = torch.gather(attn_mask, 2, rel.clamp(0, W - 1)[:, None, :].expand(-1, T, -1))  # [B, T, S]
     visible = (rel < 0)[:, None, :] | (in_block[:, None, :] & block)
+    if window:
+        if W != T or positions is None:
+            raise ValueError("a sliding window needs the query positions and a key block of the new tokens (W == T)")
+        positions = positions.expand(B, T)
+        key_pos = torch.where(rel < 0, slot[None, :], torch.gather(positions, 1, rel.clamp(0, T - 1)))  # [B, S]
+        visible = visible & (positions[:, :, None] - key_pos[:, None, :] < window)
     return visible.unsqueeze(1)
 
 
@@ -309,21 +171,32 @@ class Attention(FusedInput):
         self.wk = Linear(in_dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = Linear(in_dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:  # Qwen3: per-head RMSNorm of q and k (weights [head_dim]), before RoPE
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.window = args.sliding_window or 0
         self.kv_cache: KVCache | None = None
         self.backend = "sdpa"
 
-    def forward(self, x, cos_sin, slots, cache_len, attn_mask, visible):
+    def forward(self, x, cos_sin, slots, cache_len, attn_mask, visible, positions=None):
+        """visible: the sdpa mask (model.visible_keys, the sliding window applied); positions [B, T]: the triton
+        kernel's window needs them."""
         B, T, _ = x.shape
         q, k, v = self.group_outputs(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
         self.kv_cache.write(slots, k, v)
         if self.backend == "triton":
             from fasteagle.kernels.tree_attention import tree_attention
 
-            out = tree_attention(q, self.kv_cache.k, self.kv_cache.v, cache_len, attn_mask)
+            out = tree_attention(q, self.kv_cache.k, self.kv_cache.v, cache_len, attn_mask,
+                                 positions=positions if self.window else None, window=self.window)
         else:
             S = visible.shape[-1]  # the key window [0, S)
             out = F.scaled_dot_product_attention(
@@ -355,13 +228,13 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, input_norm: bool = True):
         super().__init__()
         self.attn = Attention(args)
-        self.mlp = FeedForward(args)
+        self.mlp = MoEFeedForward(args) if args.n_experts else FeedForward(args)
         # The EAGLE-1/2 draft layer has no input norm: its input is the fc projection.
         self.attn_norm = RMSNorm(args.dim, args.norm_eps) if input_norm else nn.Identity()
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos_sin, slots, cache_len, attn_mask, visible):
-        h = x + self.attn(self.attn_norm(x), cos_sin, slots, cache_len, attn_mask, visible)
+    def forward(self, x, cos_sin, slots, cache_len, attn_mask, visible, positions=None):
+        h = x + self.attn(self.attn_norm(x), cos_sin, slots, cache_len, attn_mask, visible, positions)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -442,7 +315,8 @@ def run_layers(model: nn.Module, x, positions, cache_len, attn_mask, kv_len: int
     # The T new tokens occupy the last T slots of the key block [cache_len, cache_len + W).
     slots = cache_len[:, None] + (W - T) + torch.arange(T, device=x.device)[None, :]
     S = model.max_seq_len if kv_len is None else min(kv_len, model.max_seq_len)
-    visible = None if model.attn_backend == "triton" else visible_keys(cache_len, attn_mask, S)
+    window = model.args.sliding_window or 0
+    visible = None if model.attn_backend == "triton" else visible_keys(cache_len, attn_mask, S, positions, window)
     if visible is not None and x.device.type == "cpu":  # CPU SDPA runs faster on an additive mask (same result)
         visible = torch.zeros(visible.shape, dtype=x.dtype).masked_fill_(~visible, float("-inf"))
     cos_sin = model.rope[positions]
@@ -450,7 +324,7 @@ def run_layers(model: nn.Module, x, positions, cache_len, attn_mask, kv_len: int
     for i, layer in enumerate(model.layers):
         if i in taps:
             tapped.append(x)
-        x = layer(x, cos_sin, slots, cache_len, attn_mask, visible)
+        x = layer(x, cos_sin, slots, cache_len, attn_mask, visible, positions)
     if len(model.layers) in taps:  # the stream after the last layer (before any final norm)
         tapped.append(x)
     return (x, torch.cat(tapped, -1)) if taps else x

@@ -2,12 +2,15 @@
 
 Stored formats (checkpoint tensors, under each projection's name; config.json says {"quantization": {"mode",
 "group_size"}}):
-  int8  weight_int8 [out, in] int8, weight_scale [out] fp32; symmetric: w = q * scale, q in [-127, 127].
+  int8  weight_int8 [out, in] int8, weight_scale [out] fp32; symmetric: w = q * scale, q in [-127, 127]. Stored
+        from a GGUF's Q8_0 blocks (convert gguf --keep-quantized): weight_scale [out, in // 32], one scale per
+        group of 32 inputs ("group_size": 32), requantized per channel for the kernels when loaded.
   int4  weight_int4 [out, in // 2] uint8, weight_scales_zeros [in // group, out, 2] fp32 (scale, zero); asymmetric:
         w = (q - 8) * scale + zero, q in [0, 15]. Byte j of row n holds q[n, 2j] in its high nibble and q[n, 2j + 1]
         in its low one: the layout torch's CUDA `_convert_weight_to_int4pack` takes, as are the scales/zeros (bf16 there).
-The LM head is quantized like the layers; a tied embedding is not stored: it is the LM head's dequantized table
-(one table, as in the fp model). An untied embedding stays dense (each token reads one row of it).
+The LM head is quantized like the layers, or as the entry's optional "lm_head": {"mode", "group_size"} says (a
+GGUF's Q8_0 table beside Q4 layers); a tied embedding is not stored: it is the LM head's dequantized table (one
+table, as in the fp model). An untied embedding stays dense (each token reads one row of it).
 
 How each device runs them (QuantLinear.prepare, once, after the model is on its device):
   CPU   int8 weights times per-token activations quantized to 14 bits (two 7-bit digits), through fbgemm's int8
@@ -36,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasteagle.errors import FastEagleError
-from fasteagle.model import FusedInput, Linear
+from fasteagle.linear import FusedInput, Linear
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # what _weight_int4pack_mm takes (it also takes 256)
@@ -142,7 +145,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
         if mode == "int8":
             self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8))
-            self.register_buffer("weight_scale", torch.empty(out_features))
+            self.register_buffer("weight_scale", torch.empty(
+                (out_features,) if group_size is None else (out_features, in_features // group_size)))
         else:
             self.register_buffer("weight_int4", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
             self.register_buffer("weight_scales_zeros", torch.empty(in_features // group_size, out_features, 2))
@@ -184,19 +188,24 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight [out, in] (in the scales' dtype): what the quantized model multiplies by."""
-        if self.mode == "int8":
+        if self.mode == "int8" and self.group_size is None:
             return self.weight_int8.to(self.weight_scale.dtype) * self.weight_scale[:, None]
+        if self.mode == "int8":
+            q = self.weight_int8.to(self.weight_scale.dtype).view(self.out_features, -1, self.group_size)
+            return (q * self.weight_scale[..., None]).view(self.out_features, self.in_features)
         return dequantize_int4(self.weight_int4, self.weight_scales_zeros, self.weight_scales_zeros.dtype)
 
     def prepare(self):
         """Make the device's runtime copies (plain attributes, not saved): call after the module is on its device."""
         dev = self.weight_int8.device if self.mode == "int8" else self.weight_int4.device
         self.path, self.dense = "dequantize", None
+        per_channel = self.mode == "int8" and self.group_size is None
         if dev.type == "cpu" and can_run_fbgemm():
-            q, scale = (self.weight_int8, self.weight_scale) if self.mode == "int8" else quantize_int8(self.weight)
+            q, scale = (self.weight_int8, self.weight_scale) if per_channel else quantize_int8(self.weight)
             self.path, self.packed = "fbgemm", fbgemm_pack(q, scale)
-        elif dev.type == "cuda" and self.mode == "int8":
+        elif dev.type == "cuda" and self.mode == "int8":  # grouped int8 (GGUF Q8_0): requantized per channel
             self.path = "int8pack"
+            self.int8 = (self.weight_int8, self.weight_scale) if per_channel else quantize_int8(self.weight)
         elif dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0) and (
                 tiles := int4_inner_k_tiles(self.in_features, self.out_features)):
             self.path = "int4pack"
@@ -212,7 +221,7 @@ class QuantLinear(nn.Module):
             y = rowwise_int8_linear(x2, self.packed) if x.dtype == torch.float32 else \
                 rowwise_int8_linear(x2.float(), self.packed).to(x.dtype)
         elif self.path == "int8pack":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.weight_scale)
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), *self.int8)
         elif self.path == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.int4pack,
                                                    self.group_size, self.int4_scales_zeros).to(x.dtype)
@@ -233,21 +242,38 @@ class QuantLinear(nn.Module):
 def check_settings(model, mode: str, group_size: int | None) -> int | None:
     """The group size to use (int4: DEFAULT_GROUP_SIZE unless given; int8: None); FastEagleError unless every
     projection of model can take this mode and group size."""
+    group_size = check_mode(model, mode, group_size)
+    if group_size:
+        check_groups(model, group_size, mode)
+    return group_size
+
+
+def check_mode(model, mode: str, group_size: int | None, stored: bool = False) -> int | None:
+    """The checked group size of a mode (int4's default filled in). stored: a checkpoint's entry, where int8 may come
+    in groups too (GGUF Q8_0)."""
     if mode not in MODES:
         raise FastEagleError(f"unknown quantization mode {mode!r} (int8 or int4)")
-    if mode == "int8":
+    if model.args.n_experts:
+        raise FastEagleError("quantizing a mixture-of-experts target is not supported (its experts are not Linears)")
+    if mode == "int8" and (group_size is None or not stored):
         if group_size is not None:
             raise FastEagleError("a group size applies to int4 only (int8 has one scale per output channel)")
         return None
+    if mode == "int4" and group_size is None and stored:
+        raise FastEagleError("int4 without a group size")
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if group_size not in GROUP_SIZES:
-        raise FastEagleError(f"int4 group size {group_size}: must be one of {', '.join(map(str, GROUP_SIZES))}")
-    widths = {f"layers.{i}.{name}": lin.in_features for i, layer in enumerate(model.layers)
-              for name, lin in _projections(layer)}
-    for name, width in {**widths, "the LM head": model.args.dim}.items():
-        if width % group_size:
-            raise FastEagleError(f"int4 group size {group_size} does not divide the {width} input features of {name}")
+        raise FastEagleError(f"{mode} group size {group_size}: must be one of {', '.join(map(str, GROUP_SIZES))}")
     return group_size
+
+
+def check_groups(model, group_size: int, mode: str = "int4", layers: bool = True, lm_head: bool = True):
+    """FastEagleError unless group_size divides the input width of every projection (layers) / of the LM head."""
+    widths = {f"layers.{i}.{name}": lin.in_features for i, layer in enumerate(model.layers)
+              for name, lin in _projections(layer)} if layers else {}
+    for name, width in {**widths, **({"the LM head": model.args.dim} if lm_head else {})}.items():
+        if width % group_size:
+            raise FastEagleError(f"{mode} group size {group_size} does not divide the {width} input features of {name}")
 
 
 def _projections(layer) -> list[tuple[str, Linear]]:
@@ -287,21 +313,22 @@ def quantize_model(model, mode: str, group_size: int | None = None, progress=lam
 def quantized_skeleton(model, quantization, where: str = "config"):
     """Give a freshly built target (e.g. on the meta device) empty QuantLinear modules of a stored quantization
     entry (checked; errors name `where`), so that the quantized checkpoint loads into it (checkpoint.load_weights)."""
-    if not isinstance(quantization, dict):
+    if not isinstance(quantization, dict) or not isinstance(quantization.get("lm_head", {}), dict):
         raise FastEagleError(f"{where}: bad quantization entry {quantization!r}")
     mode, group_size = quantization.get("mode"), quantization.get("group_size")
+    head = quantization.get("lm_head", {"mode": mode, "group_size": group_size})
     try:
-        if mode == "int4" and group_size is None:
-            raise FastEagleError("int4 without a group size")
-        check_settings(model, mode, group_size)
+        for m, g, layers in ((mode, group_size, True), (head.get("mode"), head.get("group_size"), False)):
+            if check_mode(model, m, g, stored=True):
+                check_groups(model, g, m, layers=layers, lm_head=not layers)
     except FastEagleError as e:
         raise FastEagleError(f"{where}: bad quantization entry: {e}") from None
     for layer in model.layers:
         for name, lin in _projections(layer):
             _replace(layer, name, QuantLinear(lin.in_features, lin.out_features, mode, group_size,
                                               lin.bias is not None))
-    head = QuantLinear(model.args.dim, model.args.vocab_size, mode, group_size)
-    _quantized_lm_head(model, head, {"mode": mode, "group_size": group_size})
+    lm_head = QuantLinear(model.args.dim, model.args.vocab_size, head["mode"], head.get("group_size"))
+    _quantized_lm_head(model, lm_head, dict(quantization))
     return model
 
 

@@ -22,6 +22,10 @@ Kernel layout (flash-decoding style):
   overlap the key block [cache_len, L) load the mask. The mask is passed as the caller's bool tensor (viewed as
   uint8), not packed to bits: it works for any T and W (prefill chunks > 64 included), costs no extra packing
   launch, and a [BLOCK_M, BLOCK_N] tile of a T x W byte matrix is an L2 hit on the few blocks that need it.
+- Sliding window (window > 0, Mistral): a query at position p sees keys at positions > p - window only. A key's
+  position is its slot below cache_len (the committed context sits in order) and the position of the token written
+  there inside the block (W == T). Keys below every row's window are skipped whole (the chunks split [kv_lo, L)
+  instead of [0, L)), blocks inside every row's window run unmasked, only blocks crossing a window edge are masked.
 - Softmax in fp32 in the log2 domain (exp2), fp32 accumulation; P is cast to V's dtype for the PV product.
 A query row that sees no key at all (impossible when the mask's last T columns hold the diagonal, as causal and
 ancestor masks do) gets zeros, where SDPA would give NaN.
@@ -37,11 +41,11 @@ from fasteagle.errors import FastEagleError
 from fasteagle.kernels._common import Launcher, cdiv, dot, dot_precision, num_sms, use_kernels
 
 
-def tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale=None):
+def tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale=None, positions=None, window=0):
     """Dense-mask SDPA over the whole cache: what fasteagle/model.py computes on the sdpa backend."""
     from fasteagle.model import visible_keys
 
-    visible = visible_keys(cache_len, attn_mask, k_cache.shape[2])
+    visible = visible_keys(cache_len, attn_mask, k_cache.shape[2], positions, window)
     return F.scaled_dot_product_attention(
         q, k_cache, v_cache, attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[1]
     )
@@ -50,8 +54,8 @@ def tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale=No
 @triton.jit
 def _attend_block(
     acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, W, t, row_ok, offs_d,
-    sks, skd, svs, svd, smq, smk, qk_scale,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    sks, skd, svs, svd, smq, smk, qk_scale, pos_base, spt, q_pos, window,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     offs_n = start + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -67,6 +71,9 @@ def _attend_block(
             mask_base + t[:, None] * smq + rel[None, :] * smk, mask=row_ok[:, None] & in_block[None, :], other=0
         )
         visible = ((rel < 0)[None, :] | (bits != 0)) & key_ok[None, :]
+        if WINDOW:  # a key's position: its slot below cache_len, the position of the new token in the block (W == T)
+            k_pos = tl.where(rel < 0, offs_n, tl.load(pos_base + rel * spt, mask=in_block, other=0))
+            visible = visible & ((q_pos[:, None] - k_pos[None, :]) < window)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: avoid inf - inf
@@ -83,15 +90,16 @@ def _attend_block(
 
 @triton.jit
 def _tree_attn_fwd(
-    Q, K, V, CacheLen, Mask, Out, PartO, PartLse,
+    Q, K, V, CacheLen, Mask, Pos, Out, PartO, PartLse,
     sqb, sqh, sqt, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     smb, smq, smk,
+    spb, spt,
     sob, soh, sot, sod,
-    qk_scale, T, W, S, N_ROWS, HKV,
+    qk_scale, T, W, S, N_ROWS, HKV, window,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NSPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    NSPLIT: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -111,10 +119,22 @@ def _tree_attn_fwd(
 
     cl = tl.load(CacheLen + b).to(tl.int32)
     L = tl.minimum(cl + W, S)  # end of the key block; nothing past it is visible
-    per_split = tl.cdiv(tl.cdiv(L, BLOCK_N), NSPLIT) * BLOCK_N  # keys per chunk, whole blocks
-    lo = pid_s * per_split
+    pos_base = Pos + b * spb
+    kv_lo = 0  # keys below kv_lo are invisible to every row (outside all of their windows)
+    win_full = 0  # blocks from win_full on are inside every row's window
+    q_pos = t  # unused without a window
+    if WINDOW:
+        q_pos = tl.load(pos_base + t * spt, mask=row_ok, other=0).to(tl.int32)
+        lo_pos = tl.min(tl.where(row_ok, q_pos, 2147483647), 0) - window + 1
+        hi_pos = tl.max(tl.where(row_ok, q_pos, 0), 0) - window + 1
+        kv_lo = (tl.minimum(tl.maximum(lo_pos, 0), cl) // BLOCK_N) * BLOCK_N  # below cl a key's position is its slot
+        win_full = tl.cdiv(tl.maximum(hi_pos, 0), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(L - kv_lo, BLOCK_N), NSPLIT) * BLOCK_N  # keys per chunk, whole blocks
+    lo = kv_lo + pid_s * per_split
     hi = tl.minimum(lo + per_split, L)
-    full_hi = tl.minimum(hi, (cl // BLOCK_N) * BLOCK_N)  # blocks below here are entirely < cache_len
+    # [lo, hi) = masked [lo, u0) (window edge) + unmasked [u0, u1) + masked [u1, hi) (the key block)
+    u0 = tl.minimum(tl.maximum(win_full, lo), hi)
+    u1 = tl.minimum(tl.maximum((cl // BLOCK_N) * BLOCK_N, u0), hi)  # blocks below cl // BLOCK_N: entirely < cache_len
 
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
@@ -122,15 +142,20 @@ def _tree_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start in range(lo, full_hi, BLOCK_N):  # everything visible: no mask work at all
+    for start in range(lo, u0, BLOCK_N):  # blocks crossing some row's window edge
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, W, t, row_ok, offs_d,
-            sks, skd, svs, svd, smq, smk, qk_scale, BLOCK_N, False, DOT_PREC,
+            sks, skd, svs, svd, smq, smk, qk_scale, pos_base, spt, q_pos, window, BLOCK_N, True, WINDOW, DOT_PREC,
         )
-    for start in range(tl.maximum(lo, full_hi), hi, BLOCK_N):  # blocks overlapping the key block
+    for start in range(u0, u1, BLOCK_N):  # everything visible: no mask work at all
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, W, t, row_ok, offs_d,
-            sks, skd, svs, svd, smq, smk, qk_scale, BLOCK_N, True, DOT_PREC,
+            sks, skd, svs, svd, smq, smk, qk_scale, pos_base, spt, q_pos, window, BLOCK_N, False, WINDOW, DOT_PREC,
+        )
+    for start in range(u1, hi, BLOCK_N):  # blocks overlapping the key block
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start, cl, L, W, t, row_ok, offs_d,
+            sks, skd, svs, svd, smq, smk, qk_scale, pos_base, spt, q_pos, window, BLOCK_N, True, WINDOW, DOT_PREC,
         )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -191,7 +216,8 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
 ]
 # Under the interpreter: small key blocks, so short test caches still cross block and chunk boundaries.
-_fwd = Launcher(_tree_attn_fwd, _FWD_CONFIGS, ["BLOCK_M", "HEAD_DIM", "NSPLIT", "G"], triton.Config({"BLOCK_N": 32}))
+_fwd = Launcher(_tree_attn_fwd, _FWD_CONFIGS, ["BLOCK_M", "HEAD_DIM", "NSPLIT", "G", "WINDOW"],
+                triton.Config({"BLOCK_N": 32}))
 
 MAX_SPLITS = 32
 MIN_KEYS_PER_SPLIT = 256
@@ -213,10 +239,11 @@ def default_num_splits(batch: int, n_kv_heads: int, n_rows: int, max_seq_len: in
 @torch.library.custom_op("fasteagle::tree_attention", mutates_args=())
 def _tree_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor,
-    attn_mask: torch.Tensor, scale: float, num_splits: int,
+    attn_mask: torch.Tensor, scale: float, num_splits: int, positions: torch.Tensor | None, window: int,
 ) -> torch.Tensor:
     if not use_kernels(q):
-        return tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale).contiguous()
+        return tree_attention_reference(q, k_cache, v_cache, cache_len, attn_mask, scale, positions,
+                                        window).contiguous()
     B, Hq, T, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     W = attn_mask.shape[-1]
@@ -233,12 +260,14 @@ def _tree_attention_op(
         part_lse = torch.empty((B * Hkv, nsplit, n_rows), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused
+    pos = cache_len if positions is None else positions.expand(B, T)  # a dummy pointer without a window
+    spb, spt = (0, 0) if positions is None else pos.stride()
     grid = (cdiv(n_rows, block_m), B * Hkv, nsplit)
     _fwd[grid](
-        q, k_cache, v_cache, cache_len, mask, out, part_o, part_lse,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), smb, smq, smk, *out.stride(),
-        scale * math.log2(math.e), T, W, S, n_rows, Hkv,
-        G=G, HEAD_DIM=D, BLOCK_M=block_m, NSPLIT=nsplit, DOT_PREC=dot_precision(q.dtype),
+        q, k_cache, v_cache, cache_len, mask, pos, out, part_o, part_lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), smb, smq, smk, spb, spt, *out.stride(),
+        scale * math.log2(math.e), T, W, S, n_rows, Hkv, window,
+        G=G, HEAD_DIM=D, BLOCK_M=block_m, NSPLIT=nsplit, WINDOW=window > 0, DOT_PREC=dot_precision(q.dtype),
     )
     if nsplit > 1:
         _tree_attn_merge[(cdiv(n_rows, block_m), B * Hkv)](
@@ -249,15 +278,17 @@ def _tree_attention_op(
 
 
 @_tree_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_len, attn_mask, scale, num_splits):
+def _(q, k_cache, v_cache, cache_len, attn_mask, scale, num_splits, positions, window):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def tree_attention(q, k_cache, v_cache, cache_len, attn_mask, scale=None, num_splits=None):
+def tree_attention(q, k_cache, v_cache, cache_len, attn_mask, scale=None, num_splits=None, positions=None, window=0):
     """Attention of q [B, Hq, T, D] over k/v_cache [B, Hkv, S, D] slots [0, cache_len[b] + W) with attn_mask
     [T, W] or [B, T, W] on the key block [cache_len[b], cache_len[b] + W) (see the module docstring).
     Returns a contiguous [B, Hq, T, D] tensor in q's dtype.
-    num_splits: chunks of the key range (None: default_num_splits, a function of shapes only)."""
+    num_splits: chunks of the key range (None: default_num_splits, a function of shapes only).
+    window > 0 (sliding-window attention; positions [B or 1, T] int64, the queries' positions, W == T): a query at
+    position p sees only keys at positions > p - window (see the module docstring)."""
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise FastEagleError(f"tree_attention: bad shapes q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
                              f"v {tuple(v_cache.shape)}")
@@ -280,5 +311,14 @@ def tree_attention(q, k_cache, v_cache, cache_len, attn_mask, scale=None, num_sp
     if k_cache.shape[2] < attn_mask.shape[-1]:
         raise FastEagleError(f"tree_attention: a key block of {attn_mask.shape[-1]} slots does not fit a cache of "
                              f"{k_cache.shape[2]} slots")
+    if window:
+        if positions is None or positions.dim() != 2 or positions.shape[-1] != T or positions.shape[0] not in (1, B) \
+                or positions.dtype != torch.int64 or attn_mask.shape[-1] != T:
+            raise FastEagleError(f"tree_attention: a window needs int64 positions [B, T] and W == T (T={T}), got "
+                                 f"{None if positions is None else (positions.dtype, tuple(positions.shape))} and "
+                                 f"W={attn_mask.shape[-1]}")
+    else:
+        positions = None
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return _tree_attention_op(q, k_cache, v_cache, cache_len, attn_mask, scale, int(num_splits or 0))
+    return _tree_attention_op(q, k_cache, v_cache, cache_len, attn_mask, scale, int(num_splits or 0), positions,
+                              int(window))

@@ -228,6 +228,49 @@ def test_tojson_and_loop_controls(tiny):
     assert text.startswith(json.dumps(chat, ensure_ascii=False) + "|{\n  \"role\": \"user\",") and text.endswith("|user")
 
 
+# In the shape of Qwen3's template (written for this test): a namespace found by walking the messages backwards,
+# `is string` tests, reasoning split off at '</think>' and shown only after the last user query, and the
+# `enable_thinking` switch transformers leaves undefined unless the caller passes it.
+QWEN3_STYLE = """{%- set ns = namespace(last_query=messages|length - 1) %}
+{%- for m in messages[::-1] %}
+    {%- set i = messages|length - 1 - loop.index0 %}
+    {%- if m.role == "user" and m.content is string and not m.content.startswith("<tool_response>") %}
+        {%- set ns.last_query = i %}{% break %}
+    {%- endif %}
+{%- endfor %}
+{%- for m in messages %}
+    {%- set content = m.content if m.content is string else "" %}
+    {%- if m.role == "assistant" %}
+        {%- set reasoning = "" %}
+        {%- if "</think>" in content %}
+            {%- set reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n") %}
+            {%- set content = content.split("</think>")[-1].lstrip("\n") %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query and reasoning %}
+            {{- "<|im_start|>assistant\n<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content + "<|im_end|>\n" }}
+        {%- else %}
+            {{- "<|im_start|>assistant\n" + content + "<|im_end|>\n" }}
+        {%- endif %}
+    {%- else %}
+        {{- "<|im_start|>" + m.role + "\n" + content + "<|im_end|>\n" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- "<|im_start|>assistant\n" }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- "<think>\n\n</think>\n\n" }}{%- endif %}
+{%- endif %}"""
+
+
+def test_qwen3_style_template(tiny):
+    tok, ref = tiny
+    tok.chat_template_jinja = QWEN3_STYLE
+    thought = {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}
+    chats = CHATS + [TURNS + [thought], TURNS + [thought, {"role": "user", "content": "and 3+3?"}]]
+    check_like_transformers(tok, ref, QWEN3_STYLE, chats)
+    assert "<think>\nadd them\n</think>" in tok.render_chat_text(chats[-2], False)  # after the last query: kept
+    assert "add them" not in tok.render_chat_text(chats[-1])  # before it: dropped
+
+
 @pytest.mark.parametrize("template, message", [
     ("{{ raise_exception('System messages are not supported') }}",
      "the chat template refuses these messages: System messages are not supported"),

@@ -3,7 +3,8 @@ use: an AR and an EAGLE-2 engine in one process, ten prompt lengths over every p
 runs with changing temperature / top-k / top-p, without reaching dynamo's recompile limit (fullgraph=True fails
 there); other prompt lengths in the same buckets and new sampling numbers reuse the compiled graphs. And compiled
 forwards write the KV cache in place: the generated code allocates no buffer the size of a layer's cache. An EAGLE-3
-head compiles into the same round and decodes exactly as in eager mode."""
+head compiles into the same round and decodes exactly as in eager mode, and so do the other target families
+(Mixtral, Mistral's window, Qwen3)."""
 import math
 import random
 import re
@@ -94,6 +95,25 @@ def test_compiled_eagle3_equals_eager():
         prompt = [(7 * i + 3 * j) % 32 for j in range(5 + 9 * i)]
         ref = eager.generate(prompt, 16, params, seed=i)
         out = compiled.generate(prompt, 16, params, seed=i)
+        assert (out.tokens, out.accept_lens) == (ref.tokens, ref.accept_lens), params
+        lens.update(out.accept_lens)
+    assert max(lens) > 1
+
+
+def test_compiled_equals_eager_other_families():
+    """One target with all three families' features (Mixtral's experts: a gathered and a dense path by shape;
+    Mistral's sliding window, shorter than the prompts; Qwen3's q/k norms): compiled EAGLE-2 (its prefill is AR's
+    graph) gives the eager engine's tokens, greedy and sampled."""
+    from test_targets import FAMILIES, random_norms
+
+    target, head = predictable_pair(2.0, vocab=64, max_seq_len=128, **FAMILIES["mixtral_window_qk_norm"])
+    random_norms(target)
+    lens = Counter()
+    eager, compiled = (SpecEngine(target, head, compile=c, **TREE) for c in (False, True))  # prefill: AR's graph
+    for i, params in enumerate([SamplingParams(), SAMPLED[0]]):
+        prompt = [(5 * i + 3 * j + 1) % 64 for j in range(7 + 12 * i)]  # 7 and 19 tokens: two buckets
+        ref = eager.generate(prompt, 20, params, seed=i)
+        out = compiled.generate(prompt, 20, params, seed=i)
         assert (out.tokens, out.accept_lens) == (ref.tokens, ref.accept_lens), params
         lens.update(out.accept_lens)
     assert max(lens) > 1

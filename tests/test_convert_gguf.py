@@ -66,7 +66,8 @@ def llama3_rope_factors(head_dim: int, theta: float, s: dict) -> np.ndarray:
 def gguf_name(hf_name: str) -> str:
     table = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     if hf_name == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf_name == "model.norm.weight":
@@ -74,27 +75,33 @@ def gguf_name(hf_name: str) -> str:
     if hf_name == "lm_head.weight":
         return "output.weight"
     parts = hf_name.split(".")  # model.layers.{i}.{module...}.weight
-    return f"blk.{parts[2]}.{table['.'.join(parts[3:-1])]}.weight"
+    return f"blk.{parts[2]}.{table['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def write_gguf(model, path, qtype, bpe, rope_freqs=True, arch="llama", permute=True):
-    """Write `model` into a GGUF like llama.cpp's converter: 1-D tensors F32, matrices in qtype.
-    permute=False skips llama.cpp's Q/K row permutation (only to show that the tests would notice)."""
+def write_gguf(model, path, qtype, bpe, rope_freqs=True, arch="llama", permute=True, head_qtype=None):
+    """Write `model` into a GGUF like llama.cpp's converter: 1-D tensors F32, matrices in qtype (output.weight in
+    head_qtype when given). permute=False skips llama.cpp's Q/K row permutation (only to show that the tests would
+    notice)."""
     tok, tokens, merges = bpe
     c = model.config
     n_heads, n_kv = c.num_attention_heads, c.num_key_value_heads
+    head_dim = c.head_dim or c.hidden_size // n_heads
+    permute = permute and arch == "llama"  # qwen2/qwen3 GGUFs keep the rotate-half ("neox") layout
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-llama")
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
-    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_dimension_count(head_dim)
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv)
-    if c.head_dim != c.hidden_size // n_heads:
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
+    if head_dim != c.hidden_size // n_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if getattr(c, "num_local_experts", None):
+        w.add_expert_count(c.num_local_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
@@ -109,7 +116,17 @@ def write_gguf(model, path, qtype, bpe, rope_freqs=True, arch="llama", permute=T
     w.add_chat_template(CHAT_TEMPLATE)
     if rope_freqs:
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(c.head_dim, c.rope_parameters["rope_theta"], LLAMA3_ROPE))
-    for name, t in model.state_dict().items():
+    state = dict(model.state_dict())
+    for i in range(c.num_hidden_layers):  # Mixtral (transformers 5 holds the experts stacked, gate and up fused):
+        gate_up = state.pop(f"model.layers.{i}.mlp.experts.gate_up_proj", None)  # as llama.cpp's ffn_*_exps [E, ...]
+        if gate_up is not None:
+            gate, up = gate_up.float().chunk(2, dim=1)
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", state.pop(f"model.layers.{i}.mlp.gate.weight").float().numpy())
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", gate.contiguous().numpy())
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", up.contiguous().numpy())
+            w.add_tensor(f"blk.{i}.ffn_down_exps.weight",
+                         state.pop(f"model.layers.{i}.mlp.experts.down_proj").float().numpy())
+    for name, t in state.items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         t = t.float()
@@ -118,12 +135,13 @@ def write_gguf(model, path, qtype, bpe, rope_freqs=True, arch="llama", permute=T
         elif "k_proj" in name and permute:
             t = half_to_interleaved(t, n_kv)
         a = t.numpy()
-        if a.ndim == 1 or qtype == Q.F32:
+        qt = head_qtype if head_qtype is not None and name == "lm_head.weight" else qtype
+        if a.ndim == 1 or qt == Q.F32:
             w.add_tensor(gguf_name(name), a.astype(np.float32))
-        elif qtype == Q.F16:
+        elif qt == Q.F16:
             w.add_tensor(gguf_name(name), a.astype(np.float16))
         else:
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(a, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -245,6 +263,89 @@ def test_gguf_truncated(bpe, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(FastEagleError, match="truncated"):
         convert_gguf(path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mixtral"])
+def test_gguf_qwen3_and_mixtral(arch, bpe, tmp_path):
+    """A qwen3 GGUF (q/k norms, no Q/K permutation) and a llama-architecture Mixtral GGUF (router + stacked experts,
+    4 experts top-2): logits equal transformers', and 24 greedy tokens equal its generate."""
+    vocab = len(bpe[1])
+    base = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=vocab, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=False,
+                max_position_embeddings=512)
+    if arch == "qwen3":
+        config, gguf_arch = transformers.Qwen3Config(**base, head_dim=32), "qwen3"
+    else:
+        config, gguf_arch = transformers.MixtralConfig(**base, num_local_experts=4, num_experts_per_tok=2), "llama"
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    hf.generation_config.eos_token_id = None
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_gguf(hf, path, Q.F32, bpe, rope_freqs=False, arch=gguf_arch)
+    model, cfg = load_target(convert_gguf(path, tmp_path / "out"), max_seq_len=128)
+    assert model.args.arch == arch and model.args.qk_norm == (arch == "qwen3")
+    assert model.args.n_experts == (4 if arch == "mixtral" else 0)
+    ids = torch.randint(3, vocab, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (fe_logits(model, ids) - ref).abs().max() < 1e-4
+    prompt = ids[:6]
+    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                      pad_token_id=0)[0, 6:].tolist()
+    assert fe_greedy(model, prompt, 24) == out
+
+
+@pytest.mark.parametrize("qtype, tied", [(Q.Q4_0, False), (Q.Q4_1, True), (Q.Q8_0, True), (Q.Q8_0, False)],
+                         ids=["Q4_0", "Q4_1-tied", "Q8_0-tied", "Q8_0"])
+def test_gguf_keep_quantized(qtype, tied, bpe, tmp_path):
+    """--keep-quantized: every projection's and the LM head's stored codes and scales dequantize to exactly the weights
+    the dequantizing conversion gives (llama.cpp's Q/K permutation undone on the codes), the tied embedding is that
+    same table, and the checkpoint runs."""
+    from fasteagle.quant import QuantLinear
+
+    vocab = len(bpe[1])
+    hf = make_llama(vocab, tied=tied)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(hf, path, qtype, bpe)
+    dense, _ = load_target(convert_gguf(path, tmp_path / "dense"), max_seq_len=128)
+    assert main(["gguf", str(path), str(tmp_path / "kept"), "--keep-quantized"]) == 0
+    kept, cfg = load_target(tmp_path / "kept", max_seq_len=128)
+    mode = "int8" if qtype == Q.Q8_0 else "int4"
+    assert cfg["quantization"] == {"mode": mode, "group_size": 32, "lm_head": {"mode": mode, "group_size": 32}}
+    quantized = {name: m for name, m in kept.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quantized) == 2 * 7 + 1
+    for name, m in quantized.items():
+        ref = dense.lm_head_weight() if name == "output" else dense.get_submodule(name).weight
+        assert torch.equal(m.weight, ref), name
+    assert torch.equal(kept.embed.weight, dense.embed.weight)
+    ids = torch.randint(3, vocab, (30,), generator=torch.Generator().manual_seed(1)).tolist()
+    got, ref = fe_logits(kept, ids), fe_logits(dense, ids)  # the CPU kernel runs int8 per channel: close, not equal
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8 and (got - ref).abs().max() < 1.0
+
+
+def test_gguf_keep_quantized_lm_head_of_another_type(bpe, tmp_path):
+    """Q4_0 layers with an F16 LM head (llama.cpp stores Q6_K there): the head is requantized to int8 per channel."""
+    hf = make_llama(len(bpe[1]), tied=False)
+    path = tmp_path / "mixed.gguf"
+    write_gguf(hf, path, Q.Q4_0, bpe, head_qtype=Q.F16)
+    kept, cfg = load_target(convert_gguf(path, tmp_path / "kept", keep_quantized=True), max_seq_len=64)
+    assert cfg["quantization"]["lm_head"] == {"mode": "int8", "group_size": None}
+    want = hf.lm_head.weight.detach().half().float()
+    assert (kept.output.weight - want).abs().max() <= want.abs().amax(1).max() / 254 + 1e-6  # half a step
+
+
+def test_gguf_keep_quantized_refuses_other_types(bpe, tmp_path):
+    hf = make_llama(len(bpe[1]), tied=False)
+    path = tmp_path / "f16.gguf"
+    write_gguf(hf, path, Q.F16, bpe)
+    with pytest.raises(FastEagleError, match="--keep-quantized needs every layer projection in one of Q4_0, Q4_1, "
+                                             "Q8_0; found F16"):
+        convert_gguf(path, tmp_path / "out", keep_quantized=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_gguf_not_gguf(tmp_path):

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from conftest import CHAT_TEMPLATE, fe_greedy, fe_incremental_logits, fe_logits, save_hf_tokenizer
 from fasteagle.checkpoint import load_target
 from fasteagle.convert.__main__ import main
-from fasteagle.convert.common import ConversionWarning
 from fasteagle.convert.hf import model_args_from_hf
 from fasteagle.errors import FastEagleError
 
@@ -35,7 +34,17 @@ CASES = {
         rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}), "sharded_safetensors"),
     "mistral_sharded_bin": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
                                                   max_position_embeddings=32768), "sharded_bin"),
+    # a window shorter than the 40-token prompt and the 8 + 32 tokens generated: the window is exercised in
+    # prefill, in decode and across the prefill/decode boundary
+    "mistral_window_7": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=7),
+                         "safetensors"),
+    "qwen2_window_all_layers": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                                    use_sliding_window=True, max_window_layers=0), "safetensors"),
+    "mixtral_4_experts_top2": ("MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                                     num_experts_per_tok=2), "sharded_safetensors"),
+    "qwen3_qk_norm": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32), "safetensors"),
 }
+WINDOWS = {"mistral_sharded_bin": 4096, "mistral_window_7": 7, "qwen2_window_all_layers": 6}
 
 
 def make_hf_model(config_cls: str, seed=0, **kw):
@@ -100,14 +109,12 @@ def test_hf_parity(case, tmp_path):
     hf = make_hf_model(cls, **kw)
     src, out = tmp_path / "src", tmp_path / "out"
     save_model(hf, src, how)
-    if cls == "MistralConfig":
-        with pytest.warns(ConversionWarning, match="sliding_window=4096"):
-            model, cfg = convert(src, out)
-        assert cfg["source"]["sliding_window"] == 4096
-    else:
-        model, cfg = convert(src, out)
+    model, cfg = convert(src, out)
 
     args = model.args
+    assert args.sliding_window == WINDOWS.get(case)
+    assert args.qk_norm == (cls == "Qwen3Config")
+    assert (args.n_experts, args.n_experts_per_tok) == ((4, 2) if cls == "MixtralConfig" else (0, 2))
     assert cfg["format"] == "fasteagle-v1" and cfg["kind"] == "target"
     assert args.tie_embeddings == hf.config.tie_word_embeddings and (model.output is None) == args.tie_embeddings
     assert args.qkv_bias == (cls == "Qwen2Config")

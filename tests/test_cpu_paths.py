@@ -1,10 +1,11 @@
-"""The target's and the head's CPU fast paths (model.pack_linears, FusedInput, quantize_linears): the stacked q/k/v
+"""The target's and the head's CPU fast paths (linear.pack_linears, FusedInput, quantize_linears): the stacked q/k/v
 and gate/up weights compute what the separate projections compute, for one row and for tree-sized inputs, with
 and without a bias; the members then carry no packed copy of their own; int8 stacks and can be dropped again."""
 import pytest
 import torch
 
-from fasteagle.model import Attention, FeedForward, FusedInput, can_pack, can_quantize, causal_mask
+from fasteagle.linear import FusedInput, can_pack, can_quantize
+from fasteagle.model import Attention, FeedForward, causal_mask
 from tiny import random_head, random_target
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="no oneDNN packed linear on this build")

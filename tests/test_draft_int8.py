@@ -6,7 +6,7 @@ import torch
 
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.engine import SpecEngine
-from fasteagle.model import can_quantize
+from fasteagle.linear import can_quantize
 from test_spec_greedy import prompts
 from tiny import predictable_pair, with_draft_vocab
 

@@ -185,11 +185,13 @@ def test_tree_attention_rejects_bad_input():
         tree_attention(q, k, v, cache_len.int(), mask)
 
 
+@pytest.mark.parametrize("window", [None, 6], ids=["full", "window-6"])
 @torch.no_grad()
-def test_tree_attention_in_model_matches_sdpa_backend():
-    """The model's "triton" attention backend against its "sdpa" backend: prefill, then a tree-verify step."""
+def test_tree_attention_in_model_matches_sdpa_backend(window):
+    """The model's "triton" attention backend against its "sdpa" backend: prefill of 11 tokens, then a 7-node
+    tree-verify step; also with a Mistral-style sliding window shorter than the prompt."""
     args = ModelArgs(vocab_size=61, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
-                     intermediate_size=96, max_position_embeddings=64)
+                     intermediate_size=96, max_position_embeddings=64, sliding_window=window)
     torch.manual_seed(0)
     model = Transformer(args)
     gen = torch.Generator().manual_seed(1)
@@ -206,6 +208,46 @@ def test_tree_attention_in_model_matches_sdpa_backend():
         outs.append((h1, h2))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+# (T, cache lens, Hq, Hkv, D, dtype, splits, window, kind): kind "tree" = a random tree verified at positions
+# cache_len + depth, "causal" = a prefill chunk at positions cache_len + i (longer than the window)
+WINDOW_CASES = [
+    (7, [37, 300], 4, 2, 64, torch.float32, 3, 5, "tree"),  # window shorter than the tree's depth spread
+    (7, [300], 8, 1, 64, torch.float32, None, 100, "tree"),  # whole blocks below the window skipped
+    (1, [0, 90], 4, 1, 128, torch.float32, 2, 33, "tree"),  # decode; an empty row; a window off the block size
+    (45, [3, 70], 2, 2, 64, torch.float32, 2, 17, "causal"),  # prefill longer than the window
+    (16, [300], 4, 1, 64, torch.bfloat16, 4, 64, "tree"),
+]
+
+
+@pytest.mark.parametrize("T,lens,Hq,Hkv,D,dtype,splits,window,kind", WINDOW_CASES)
+def test_tree_attention_sliding_window(T, lens, Hq, Hkv, D, dtype, splits, window, kind):
+    q, k, v, cache_len, mask = _attn_inputs(T, lens, Hq, Hkv, D, dtype, seed=T + window)
+    if kind == "causal":
+        mask = causal_mask(T)
+        positions = cache_len[:, None] + torch.arange(T)[None, :]
+    else:
+        positions = cache_len[:, None] + mask.sum(-1)[None, :] - 1  # the root at cache_len, depth d at + d
+    k, v = _poison_beyond(k, v, cache_len, T)
+    for b, lo in enumerate((positions.min(1).values - window + 1).tolist()):
+        k[b, :, :max(lo, 0) // 128 * 128] = float("nan")  # whole blocks below every window: must not be read
+        v[b, :, :max(lo, 0) // 128 * 128] = float("nan")
+    out = tree_attention(q, k, v, cache_len, mask, num_splits=splits, positions=positions, window=window)
+    ref = tree_attention_reference(q.float(), k.float().nan_to_num(), v.float().nan_to_num(), cache_len, mask,
+                                   positions=positions, window=window)
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+    if window < min(lens) + 1:  # the window changes the result (negative control)
+        full = tree_attention_reference(q.float(), k.float().nan_to_num(), v.float().nan_to_num(), cache_len, mask)
+        assert not torch.allclose(full, ref, atol=1e-3)
+
+
+def test_tree_attention_window_rejects_bad_input():
+    q, k, v, cache_len, mask = _attn_inputs(3, [5], 2, 1, 64, torch.float32, seed=0, W=5)
+    with pytest.raises(FastEagleError, match="window needs"):
+        tree_attention(q, k, v, cache_len, mask, positions=torch.zeros(1, 3, dtype=torch.long), window=4)  # W > T
+    with pytest.raises(FastEagleError, match="window needs"):
+        tree_attention(q, k, v, cache_len, mask[:, 2:], window=4)  # no positions
 
 
 @torch.no_grad()

@@ -46,6 +46,21 @@ def test_chat_capital_of_france(smollm2):
     assert out[-1] in tok.eos_ids, reply  # stopped at end of turn
 
 
+def test_gguf_kept_quantized_answers_paris(smollm2_gguf, tmp_path):
+    """The real Q4_1 GGUF converted with --keep-quantized (its Q4_1 layers as int4, its Q8_0 table as the int8 LM head
+    and, tied, the embedding): a fifth of the fp32 checkpoint's size, and still right."""
+    from fasteagle.convert.gguf import convert_gguf
+
+    out = convert_gguf(smollm2_gguf, tmp_path / "kept", keep_quantized=True)
+    model, cfg = load_target(out, max_seq_len=256)
+    assert cfg["quantization"] == {"mode": "int4", "group_size": 32, "lm_head": {"mode": "int8", "group_size": 32}}
+    assert (out / "model.safetensors").stat().st_size < 120e6  # 112 MB; the fp32 checkpoint: 538 MB
+    tok = load_tokenizer(out)
+    prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    reply = tok.decode(fe_greedy(model, prompt, 48, eos_ids=tok.eos_ids))
+    assert "Paris" in reply, reply
+
+
 def test_logits_match_transformers_gguf_loader(smollm2, smollm2_gguf):
     """transformers dequantizes the same GGUF (with its own Q/K un-permutation): same weights, so only fp32
     summation order differs. Tolerance: 1e-3 absolute on logits of magnitude ~20 (measured: ~1e-4)."""

@@ -26,18 +26,20 @@ def random_target(seed=0, max_seq_len=256, **kw) -> Transformer:
 
 def random_head(target, seed=1) -> DraftHead:
     torch.manual_seed(seed)
-    return DraftHead(ModelArgs(**{**target.args.to_dict(), "n_layers": 1})).eval().bind(target)
+    return DraftHead(target.args.draft_layer()).eval().bind(target)
 
 
-def predictable_pair(alpha: float, seed=0, max_seq_len=256, vocab=32, dim=32):
+def predictable_pair(alpha: float, seed=0, max_seq_len=256, vocab=32, dim=32, **kw):
+    """kw: more ModelArgs of the target (n_experts, sliding_window, qk_norm: the other families' features)."""
     torch.manual_seed(seed)
-    target = Transformer(tiny_args(vocab=vocab, dim=dim)).eval()
+    target = Transformer(tiny_args(vocab=vocab, dim=dim, **kw)).eval()
     with torch.no_grad():
         target.embed.weight.normal_()
         target.output.weight.normal_()
         for layer in target.layers:
             layer.attn.wo.weight.mul_(alpha)
-            layer.mlp.w2.weight.mul_(alpha)
+            down = layer.mlp.w2  # a Linear, or the experts' stacked [E, D, I] down projections
+            (down if isinstance(down, torch.nn.Parameter) else down.weight).mul_(alpha)
     target.setup_cache(max_seq_len)
     head = random_head(target, seed + 1)
     with torch.no_grad():

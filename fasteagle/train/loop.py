@@ -38,7 +38,7 @@ from tqdm import tqdm
 from fasteagle.draft import DraftHead, load_draft, save_draft
 from fasteagle.eagle3 import Eagle3Head
 from fasteagle.errors import FastEagleError
-from fasteagle.model import ModelArgs, rope_cache
+from fasteagle.model import rope_cache
 from fasteagle.train.forward import train_forward
 from fasteagle.train.data import data_taps, load_dataset, read_manifest
 from fasteagle.train.vocab import counts_from_sequences, draft_vocab
@@ -75,7 +75,7 @@ class TrainConfig:
 def new_head(target, seed: int = 0) -> DraftHead:
     """A freshly initialised EAGLE-1/2 head for `target` (one decoder layer of the target's shape), bound to it."""
     torch.manual_seed(seed)
-    args = ModelArgs.from_dict({**target.args.to_dict(), "n_layers": 1})
+    args = target.args.draft_layer()
     dev = target.embed.weight.device
     return DraftHead(args, fc_bias=True).to(dev).bind(target)
 
@@ -85,7 +85,7 @@ def new_eagle3_head(target, taps, vocab: torch.Tensor, seed: int = 0) -> Eagle3H
     (target ids), bound to it. Its LM head and final norm start as the target's (those rows of its LM head): the
     head then starts out predicting what the target would from the head's output."""
     torch.manual_seed(seed)
-    args = ModelArgs.from_dict({**target.args.to_dict(), "n_layers": 1})
+    args = target.args.draft_layer()
     head = Eagle3Head(args, len(vocab), taps)
     with torch.no_grad():
         head.draft_vocab.copy_(vocab)

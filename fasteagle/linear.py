@@ -1,0 +1,172 @@
+"""Linear layers with CPU fast paths: oneDNN-packed weights for few-row inputs, int8 copies through fbgemm, and
+FusedInput, which runs the projections that read one input (q/k/v, gate/up) as one call. Off CPU, or while
+compiling, every layer here is a plain nn.Linear."""
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Linear(nn.Linear):
+    """nn.Linear, plus optional CPU fast paths (both opt-in, set by the engine on CPU):
+
+    - packed: at batch 1 a CPU step streams every weight from memory; MKL's GEMM for a few rows repacks each weight
+      on every call and costs about twice its GEMV (measured on 2 AVX2 cores: 8 rows ~2.6x one row over SmolLM2's
+      weights). `pack_linears` gives each layer a oneDNN copy of its weight, packed once: multi-row inputs (tree
+      verification) then cost ~1.2x one row, and one row is ~10% faster too with 2 threads (packed_linear).
+      Doubles the weights' memory.
+    - qpacked: an int8 copy (quantize_linears), for the draft head only (quantize_weight)."""
+
+    packed = None  # oneDNN-packed weight (plain attribute: not saved, not moved)
+    qpacked = None  # int8 copy for torch's dynamic quantized linear (quantize_linears): used for every input
+
+    def forward(self, x):
+        if self.qpacked is not None:
+            return quantized_linear(x, self.qpacked)
+        return packed_linear(x, self.weight, self.packed, self.bias)
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_weight(weight: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """The oneDNN-packed copy of a [out, in] fp32 CPU weight, tuned for inputs of `rows` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def pack_linears(model: nn.Module, rows: int = 8) -> bool:
+    """Give every `Linear` of model a packed weight (see Linear), the projections that read the same input (an
+    attention's wq, wk, wv; a feed-forward's gate and up) one packed weight per group (FusedInput); False (nothing
+    done) off CPU / fp32 / oneDNN."""
+    mods = [m for m in model.modules() if isinstance(m, Linear)]
+    if not mods or not can_pack(mods[0].weight):
+        return False
+    grouped = set()
+    for m in model.modules():
+        if isinstance(m, FusedInput):
+            m.pack_group(rows)
+            grouped.update(m.group())
+    for m in mods:
+        if m.packed is None and m not in grouped:
+            m.packed = pack_weight(m.weight, rows)
+    return True
+
+
+PACKED_ONE_ROW_MIN_THREADS = 2
+
+
+def use_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
+    """Whether an eager CPU linear on x takes its packed weight: for multi-row inputs always, for one row with
+    PACKED_ONE_ROW_MIN_THREADS threads or more (measured on 2 AVX2 cores: oneDNN's packed GEMV beats MKL's sgemv
+    with 2 threads, loses to it with 1). Never while compiling (inductor: the plain linear)."""
+    return (packed is not None and not torch.compiler.is_compiling()
+            and (x.numel() > x.shape[-1] or torch.get_num_threads() >= PACKED_ONE_ROW_MIN_THREADS))
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the packed copy when use_packed says so."""
+    if use_packed(x, packed):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class FusedInput(nn.Module):
+    """A module whose `group()` of Linears all read the same input. On CPU the group gets one packed weight
+    (pack_linears) or one int8 copy (quantize_linears), their rows stacked: one call instead of three (q, k, v) or
+    two (gate, up). Each call has a fixed cost (~50-80 us on 2 cores) that dominates SmolLM2's small GEMMs, more so
+    for the few-row inputs of tree verification (measured on SmolLM2-135M, 2 threads: verify(3) 1.21x -> 1.13x the
+    one-token step). The members keep their own weights: checkpoints, GPU and compiled forwards are unchanged."""
+
+    group_packed = None  # [sum of the group's out features, in], oneDNN-packed (pack_group); plain attribute
+    group_qpacked = None  # the same rows as int8 (quantize_group)
+    group_bias = None
+    group_linear = None  # a quantized target's stacked projection (quant.prepare_model), used on every device
+
+    def group(self) -> list[Linear]:
+        raise NotImplementedError
+
+    def _stacked(self):
+        mods = self.group()
+        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+        return torch.cat([m.weight.detach() for m in mods]), bias
+
+    def pack_group(self, rows: int):
+        if self.group_packed is None:
+            w, self.group_bias = self._stacked()
+            self.group_packed = pack_weight(w, rows)
+
+    def quantize_group(self, min_numel: int):
+        w, bias = self._stacked()
+        if self.group_qpacked is None and w.numel() >= min_numel:
+            self.group_qpacked = quantize_weight(w, bias)
+
+    def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[m(x) for m in group()], in one call when there is a stacked copy to take (int8 first)."""
+        mods = self.group()
+        if self.group_linear is not None:
+            y = self.group_linear(x)
+        elif self.group_qpacked is not None:
+            y = quantized_linear(x, self.group_qpacked)
+        elif use_packed(x, self.group_packed):
+            y = torch.ops.mkldnn._linear_pointwise(x, self.group_packed, self.group_bias, "none", [], "")
+        else:
+            return [m(x) for m in mods]
+        return y.split([m.out_features for m in mods], dim=-1)
+
+
+def can_quantize(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.quantized.engine in ("x86", "fbgemm"))
+
+
+def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """An int8 copy of a [out, in] fp32 CPU weight (one scale per output row), prepacked for torch's dynamic
+    quantized linear: activations are quantized per call, products accumulate in int32. A quarter of the fp32
+    weight's bytes, so a memory-bound CPU GEMV runs ~2-5x faster, at ~1-2% relative error: for the draft head
+    only, whose output just proposes tokens (verification by the fp32 target keeps generation lossless)."""
+    w = weight.detach()
+    scale = (w.abs().amax(1).double() / 127).clamp(min=1e-12)
+    with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the op itself is the supported
+        warnings.simplefilter("ignore")  # path to fbgemm's int8 GEMM
+        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach())
+
+
+def quantized_linear(x: torch.Tensor, qpacked) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, qpacked, True)
+
+
+QUANTIZE_MIN_NUMEL = 1 << 16
+
+
+def quantize_linears(model: nn.Module, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
+    """Give every `Linear` of model with at least min_numel weights an int8 copy (quantize_weight), used for all
+    its inputs from then on; a FusedInput's group gets one stacked copy instead. Smaller weights stay fp32: the
+    dynamic op's per-call quantization costs more than the bytes it saves there (measured: a 64 x 32 weight takes
+    44 us in int8 vs 8 us in fp32). Returns whether any weight was quantized. dequantize_linears undoes it."""
+    mods = [m for m in model.modules() if isinstance(m, Linear)]
+    if not mods or not can_quantize(mods[0].weight):
+        return False
+    grouped = set()
+    for m in model.modules():
+        if isinstance(m, FusedInput):
+            m.quantize_group(min_numel)
+            grouped.update(m.group())
+    for m in mods:
+        if m.qpacked is None and m not in grouped and m.weight.numel() >= min_numel:
+            m.qpacked = quantize_weight(m.weight, m.bias)
+    return any(m.qpacked is not None for m in mods) or any(
+        isinstance(m, FusedInput) and m.group_qpacked is not None for m in model.modules())
+
+
+def dequantize_linears(model: nn.Module):
+    """Drop the int8 copies quantize_linears made."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.qpacked = None
+        if isinstance(m, FusedInput):
+            m.group_qpacked = None
