@@ -3,9 +3,11 @@
     weights, experts = topk(softmax(router(x)), k);  weights /= sum(weights)
     out = sum_j weights[j] * w2[experts[j]] @ (silu(w1[experts[j]] @ x) * (w3[experts[j]] @ x))
 
-The experts' weights are stacked ([E, I, D] for the gate and up projections, [E, D, I] for down) so that a forward
-has fixed shapes and never reads routing decisions on the host (compiles, CUDA-graphs). Two ways to evaluate it,
-chosen by shape alone (static under torch.compile), whichever reads fewer expert weights:
+The experts' weights are stacked ([E, I, D] for the gate and up projections, [E, D, I] for down). Eager on a CPU,
+where reading the routing on the host costs nothing, each expert some token picked runs once over its tokens
+(grouped: every needed expert's weights read once, nothing copied). Elsewhere a forward has fixed shapes and never
+reads routing decisions on the host (compiles, CUDA-graphs), with one of two evaluations chosen by shape alone
+(static under torch.compile), whichever reads fewer expert weights:
 - gathered (N tokens x k < E, a decode step or a tiny tree): each token's k experts' weights are gathered and
   applied to that token only: N * k expert reads;
 - dense (N * k >= E: verification of a tree, prefill): every expert runs over every token once and the outputs are
@@ -44,11 +46,22 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.route(x)
-        if x.shape[0] * self.top_k < self.w1.shape[0]:
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            out = self._grouped(x, weights, experts)
+        elif x.shape[0] * self.top_k < self.w1.shape[0]:
             out = self._gathered(x, weights, experts)
         else:
             out = self._dense(x, weights, experts)
         return out.reshape(shape)
+
+    def _grouped(self, x, weights, experts):
+        out = torch.zeros_like(x)
+        for e in sorted(set(experts.flatten().tolist())):  # host ids: free on a CPU
+            rows, slot = (experts == e).nonzero(as_tuple=True)
+            xe = x[rows]
+            h = F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e])
+            out.index_add_(0, rows, F.linear(h, self.w2[e]) * weights[rows, slot, None])
+        return out
 
     def _gathered(self, x, weights, experts):
         h = F.silu(torch.einsum("nd,nkid->nki", x, self.w1[experts])) * torch.einsum("nd,nkid->nki", x, self.w3[experts])

@@ -2,7 +2,7 @@
 window (shorter than the prompts and the generations here), Qwen3 (per-head q/k norm). Conversion parity with
 transformers for each is in test_convert_hf.py; here:
 - tree verification gives each node the logits plain decoding of its path gives (what lossless sampling rests on),
-  with the tree crossing the window edge, and the MoE's dense path (a tree) against its gathered one (one token);
+  with the tree crossing the window edge;
 - EAGLE-1 (static tree), EAGLE-2 and EAGLE-3 greedy equal AR, token for token, with heads that agree often
   (tiny.predictable_pair) and random heads.
 The compiled engine on these families: test_compile.py (inductor must run after the Triton interpreter tests)."""
@@ -75,13 +75,14 @@ def test_tree_verify_logits_equal_path_decoding(family):
 
 
 @torch.no_grad()
-def test_moe_gathered_equals_dense():
+def test_moe_paths_agree():
     from tiny import tiny_args
 
     moe = MoEFeedForward(tiny_args(n_experts=8, n_experts_per_tok=2))
     x = torch.randn(3, 32)
     w, e = moe.route(x)
     assert torch.allclose(moe._gathered(x, w, e), moe._dense(x, w, e), atol=1e-6)
+    assert torch.allclose(moe._grouped(x, w, e), moe._dense(x, w, e), atol=1e-6)
     # the reference: each token through its own two experts, weighted
     ref = torch.stack([sum(float(w[n, j]) * (moe.w2[e[n, j]] @ (torch.nn.functional.silu(moe.w1[e[n, j]] @ x[n])
                                                                * (moe.w3[e[n, j]] @ x[n]))) for j in range(2))
