@@ -263,3 +263,31 @@ def test_rounds_after_ar_steps_draft_from_an_up_to_date_head():
         out = spec.generate(p, 40)
         assert out.tokens == SpecEngine(target).generate(p, 40).tokens
         assert out.accept_lens and min(out.accept_lens) >= 3, out.accept_lens  # a stale head: mostly 1
+
+
+def test_cached_costs_are_rechecked_and_merged(tmp_path, monkeypatch):
+    """A cached cost table is used as it is while one AR step now is no faster than it says; one timed under load
+    (its AR step far slower than the machine runs it now) is measured again and merged entry by entry, keeping the
+    smaller time."""
+    import json
+
+    from fasteagle import autotune
+
+    target = random_target(seed=1, vocab=64)
+    head = random_head(target)
+    path = tmp_path / "costs" / f"{autotune.costs_key(target, head, False)}.json"
+    path.parent.mkdir()
+
+    def fresh(*a, **k):
+        return {"ar": 0.5, "verify": {1: 0.5, 2: 0.7}, "tree": {"1,1,2": 0.2}}
+
+    fast = {"ar": 1e-9, "verify": {1: 1e-9, 2: 1e-9}, "tree": {"1,1,2": 1e-9}}
+    path.write_text(json.dumps(fast))
+    monkeypatch.setattr(autotune, "measure_costs", lambda *a, **k: pytest.fail("a good table was measured again"))
+    assert autotune.cached_costs(target, head, cache_dir=tmp_path) == fast
+
+    path.write_text(json.dumps({"ar": 100.0, "verify": {1: 100.0, 2: 0.1}, "tree": {"1,1,2": 0.3}}))
+    monkeypatch.setattr(autotune, "measure_costs", fresh)
+    merged = {"ar": 0.5, "verify": {1: 0.5, 2: 0.1}, "tree": {"1,1,2": 0.2}}
+    assert autotune.cached_costs(target, head, cache_dir=tmp_path) == merged
+    assert autotune._read_costs(path) == merged  # written back
