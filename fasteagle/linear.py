@@ -37,22 +37,32 @@ def pack_weight(weight: torch.Tensor, rows: int = 8) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
-def pack_linears(model: nn.Module, rows: int = 8) -> bool:
-    """Give every `Linear` of model a packed weight (see Linear), the projections that read the same input (an
-    attention's wq, wk, wv; a feed-forward's gate and up) one packed weight per group (FusedInput); False (nothing
-    done) off CPU / fp32 / oneDNN."""
+def for_each_weight(model: nn.Module, can, on_group, on_single) -> bool:
+    """The walk pack_linears and quantize_linears share: unless can(a weight) says the fast path does not apply
+    (returns False then), on_group(m) for every FusedInput m, then on_single(m) for every Linear outside a group."""
     mods = [m for m in model.modules() if isinstance(m, Linear)]
-    if not mods or not can_pack(mods[0].weight):
+    if not mods or not can(mods[0].weight):
         return False
     grouped = set()
     for m in model.modules():
         if isinstance(m, FusedInput):
-            m.pack_group(rows)
+            on_group(m)
             grouped.update(m.group())
     for m in mods:
-        if m.packed is None and m not in grouped:
-            m.packed = pack_weight(m.weight, rows)
+        if m not in grouped:
+            on_single(m)
     return True
+
+
+def pack_linears(model: nn.Module, rows: int = 8) -> bool:
+    """Give every `Linear` of model a packed weight (see Linear), the projections that read the same input (an
+    attention's wq, wk, wv; a feed-forward's gate and up) one packed weight per group (FusedInput); False (nothing
+    done) off CPU / fp32 / oneDNN."""
+    def single(m):
+        if m.packed is None:
+            m.packed = pack_weight(m.weight, rows)
+
+    return for_each_weight(model, can_pack, lambda m: m.pack_group(rows), single)
 
 
 PACKED_ONE_ROW_MIN_THREADS = 2
@@ -148,19 +158,14 @@ def quantize_linears(model: nn.Module, min_numel: int = QUANTIZE_MIN_NUMEL) -> b
     its inputs from then on; a FusedInput's group gets one stacked copy instead. Smaller weights stay fp32: the
     dynamic op's per-call quantization costs more than the bytes it saves there (measured: a 64 x 32 weight takes
     44 us in int8 vs 8 us in fp32). Returns whether any weight was quantized. dequantize_linears undoes it."""
-    mods = [m for m in model.modules() if isinstance(m, Linear)]
-    if not mods or not can_quantize(mods[0].weight):
-        return False
-    grouped = set()
-    for m in model.modules():
-        if isinstance(m, FusedInput):
-            m.quantize_group(min_numel)
-            grouped.update(m.group())
-    for m in mods:
-        if m.qpacked is None and m not in grouped and m.weight.numel() >= min_numel:
+    def single(m):
+        if m.qpacked is None and m.weight.numel() >= min_numel:
             m.qpacked = quantize_weight(m.weight, m.bias)
-    return any(m.qpacked is not None for m in mods) or any(
-        isinstance(m, FusedInput) and m.group_qpacked is not None for m in model.modules())
+
+    if not for_each_weight(model, can_quantize, lambda m: m.quantize_group(min_numel), single):
+        return False
+    return any(isinstance(m, Linear) and m.qpacked is not None or isinstance(m, FusedInput)
+               and m.group_qpacked is not None for m in model.modules())
 
 
 def dequantize_linears(model: nn.Module):
