@@ -274,6 +274,12 @@ class Choice:
     table: list  # [(shape, tau, round cost in AR steps, predicted speedup)], best first
 
 
+def ar_step_cost(costs: dict) -> float:
+    """An AR step of the speculative engine, in plain AR steps: the target's step plus the head's extend by the new
+    token (which keeps the head ready for the next round)."""
+    return 1.0 + _interp(costs["extend"], 1) / costs["ar"] if "extend" in costs else 1.0
+
+
 def rank_shapes(costs: dict, taus: dict[Shape, float], max_tokens: int | None = None) -> list:
     ar = costs["ar"]
     rows = []
@@ -299,14 +305,22 @@ class Adaptive:
 
     r = EMA of (emitted - 1) / (tau_cal(shape) - 1) over recent rounds: 1 when the text is as easy as the
     calibration prompts. Each shape's expected tau is 1 + r * (tau_cal - 1); the round runs the shape with the
-    best expected tau / cost. In AR mode every `probe`-th step is a speculative round, so r keeps tracking."""
+    best expected tau / cost. AR is chosen only when that is below 1 / ar_cost, ar_cost being what an AR step costs
+    inside the speculative engine (in AR steps: the head still extends by every token, so > 1). In AR mode every
+    `probe`-th step is a speculative round, so r keeps tracking.
+
+    alpha: r's noise is about sqrt(alpha / 2) times one round's, and one round's outcome is nearly binary. At
+    0.15, r crossed the AR threshold on noise alone: on six MT-bench answers (CPU, 2 cores) 22% of the tokens
+    came from AR steps at 46-50 ms each, while the tree rounds around them produced a token per 31-39 ms; never
+    taking AR made the same answers 11% faster. At 0.05 the noise is halved."""
 
     # acceptance levels r (relative to the calibration) whose best shape is always kept
     LEVELS = (1.0, 0.7, 1.5, 2.0)
 
-    def __init__(self, table: list, keep: int = 3, alpha: float = 0.15, probe: int = 8):
+    def __init__(self, table: list, keep: int = 3, alpha: float = 0.05, probe: int = 8, ar_cost: float = 1.0):
         """table: rank_shapes' rows, best first. Keeps the best shape at each of LEVELS (so that an easy stretch
-        finds a deeper tree, a hard one a smaller one), then the next best up to `keep` shapes."""
+        finds a deeper tree, a hard one a smaller one), then the next best up to `keep` shapes. ar_cost: an AR
+        step of the speculative engine in plain AR steps (ar_step_cost)."""
         rows = [(s, tau, c) for s, tau, c, _ in table]
         kept = []
         for r in self.LEVELS:
@@ -314,7 +328,7 @@ class Adaptive:
             if best is not None and best not in kept:
                 kept.append(best)
         self.rows = kept + [row for row in rows if row not in kept][: max(keep - len(kept), 0)]
-        self.alpha, self.probe = alpha, probe
+        self.alpha, self.probe, self.ar_cost = alpha, probe, ar_cost
         self.reset()
 
     def reset(self):
@@ -329,7 +343,7 @@ class Adaptive:
 
     def next(self) -> Shape | None:
         s, tau, c = max(self.rows, key=lambda row: self.expected(row[1]) / row[2])
-        if self.expected(tau) / c > 1.0:
+        if self.expected(tau) / c > 1.0 / self.ar_cost:
             return s
         self.ar_steps += 1
         return self.rows[0][0] if self.ar_steps % self.probe == 0 else None
@@ -349,7 +363,7 @@ def auto_policy(target, head, head_dir, compiled: bool = False, max_tokens: int 
     choice = choose_shape(costs, taus, max_tokens)
     if choice.shape is None:
         return None, choice, costs
-    return Adaptive(choice.table, keep), choice, costs
+    return Adaptive(choice.table, keep, ar_cost=ar_step_cost(costs)), choice, costs
 
 
 BUNDLED_HEAD = DEFAULT_HEAD  # the prior for heads without a calibration

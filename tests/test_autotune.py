@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from fasteagle.autotune import Adaptive, Shape, choose_shape, rank_shapes, round_cost
+from fasteagle.autotune import Adaptive, Shape, ar_step_cost, choose_shape, rank_shapes, round_cost
 from fasteagle.engine import SpecEngine
 from fasteagle.errors import FastEagleError
 from tiny import predictable_pair, random_head, random_target, with_draft_vocab
@@ -76,6 +76,19 @@ def test_adaptive_moves_with_acceptance():
         s = pol.next() or table[0][0]
         pol.update(s, s.depth + 1)
     assert pol.next() is not None
+
+
+def test_adaptive_weighs_ar_at_its_own_cost():
+    """An AR step of the speculative engine also extends the head: AR is taken only when the best shape's expected
+    speed is below 1 / that cost, not below 1."""
+    c = costs(0.05, draft=0.1)
+    assert ar_step_cost(c) == pytest.approx(1.1)
+    table = rank_shapes(c, WEAK)
+    s, tau, cost, _ = table[0]
+    for r, ar_cost, want_ar in [(0.0, 1.0, True), (0.0, 1.01 * cost, False), (1.0, 1.0, False)]:
+        pol = Adaptive(table, keep=1, ar_cost=ar_cost)
+        pol.r = r  # expected tau 1 at r = 0: speed 1 / cost, beating an AR step that costs a little more
+        assert (pol.next() is None) == want_ar, (r, ar_cost)
 
 
 # --- losslessness ------------------------------------------------------------------------------------------------
