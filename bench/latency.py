@@ -28,6 +28,7 @@ round time / AR step time says how many tokens a round must emit to beat AR at t
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 import zlib
@@ -40,6 +41,7 @@ from bench.env import BENCH, default_out, device_info, header, sync, write_json_
 from bench.report import TREES, format_summary, lossless_report, plot_questions, summarize
 from fasteagle.cli import add_device_flags, add_draft_int8_flag, interrupted, sigterm_as_interrupt, torch_dtype
 from fasteagle.errors import FastEagleError
+from fasteagle.tp import from_rank0
 
 DEFAULT_QUESTIONS = BENCH.parents[1] / "shared" / "data" / "mt_bench" / "question.jsonl"
 from fasteagle.download import DEFAULT_HEAD, DEFAULT_HEAD3  # noqa: E402
@@ -138,7 +140,8 @@ def load_questions(path: Path, limit: int | None = None, turns: int | None = Non
 class Runner:
     """Holds the loaded models and runs every method on one question at a time."""
 
-    def __init__(self, args, methods: list[str]):
+    def __init__(self, args, methods: list[str], tp=None):
+        """tp: this rank's fasteagle.tp.TP under tensor parallelism."""
         from fasteagle.checkpoint import load_target, read_config
         from fasteagle.draft import load_draft
         from fasteagle.sampling import SamplingParams
@@ -157,7 +160,8 @@ class Runner:
         self.fit = args.max_seq_len is None and args.device == "cpu" and not args.compile
         self.max_seq_len = args.max_seq_len or min(self.model_max, 4096)
         self.target, self.cfg = load_target(args.checkpoint, self.device, self.dtype,
-                                            64 if self.fit else self.max_seq_len, self.backend)
+                                            64 if self.fit else self.max_seq_len, self.backend,
+                                            tp=tp)
         self.tok = load_tokenizer(args.checkpoint, self.cfg)
         self.eos = list(self.cfg.get("eos_token_ids") or [])
         # one head per EAGLE method: each engine sets up (and compiled graphs capture) its own draft cache
@@ -420,7 +424,10 @@ def run_questions(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    runner = Runner(args, methods)
+    tp = tensor_parallel(args, methods)
+    args.tensor_parallel = tp.world if tp else 1  # recorded with the parameters
+    rank0 = tp is None or tp.rank == 0
+    runner = Runner(args, methods, tp)
     settings = settings_of(args, runner)
     key = settings_key(settings)
     model_name = Path(args.checkpoint).resolve().name
@@ -430,7 +437,7 @@ def run_questions(args) -> int:
         partial.unlink(missing_ok=True)
         done = {}
     else:
-        done = load_done([out, partial], key, methods)
+        done = from_rank0(load_done([out, partial], key, methods) if rank0 else None, tp)
     todo = [q for q in questions if json.dumps(q["question_id"]) not in done]
     if done:
         print(f"[resume] {len(questions) - len(todo)} of {len(questions)} questions already done with these settings "
@@ -447,8 +454,9 @@ def run_questions(args) -> int:
         for q in bar:
             rec = runner.run_question(q)
             rec["settings_key"] = key
-            with open(partial, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if rank0:
+                with open(partial, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
             records[json.dumps(q["question_id"])] = rec
             for m, v in rec["methods"].items():
                 t = totals[m]
@@ -467,6 +475,8 @@ def run_questions(args) -> int:
               file=sys.stderr)
         return 130
 
+    if not rank0:  # tensor parallelism: the other ranks only computed along
+        return 0
     recs = [records[json.dumps(q["question_id"])] for q in questions]
     for r in recs:
         r.pop("settings_key", None)
@@ -529,6 +539,20 @@ def replot(path: Path) -> int:
 
 
 # --- entry point ---------------------------------------------------------------------------------------------------
+
+
+def tensor_parallel(args, methods):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (fasteagle.tp); every rank runs every question, rank 0
+    alone prints and writes the results."""
+    from fasteagle.tp import from_env
+
+    tp = from_env(args.device)
+    if tp is not None and "hf" in methods:
+        raise FastEagleError("the hf baseline does not run under tensor parallelism; leave it out of --methods")
+    if tp is not None and tp.rank != 0:
+        args.no_progress = True
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return tp
 
 
 def main(argv=None) -> int:

@@ -49,6 +49,12 @@ SHAPES = {
     "smollm2-1.7b": dict(vocab_size=49152, dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, head_dim=64,
                          intermediate_size=8192, rope_theta=130000.0, tie_embeddings=True,
                          max_position_embeddings=8192),
+    # the 70B targets of EAGLE's tensor-parallel results (one rank's share: "llama-2-70b/tp8", shape_args)
+    "llama-2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+                        intermediate_size=28672, rope_theta=10000.0, max_position_embeddings=4096),
+    "llama-3.1-70b": dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+                          intermediate_size=28672, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                          max_position_embeddings=131072),
     # for tests and a quick look on CPU
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
                  max_position_embeddings=2048),
@@ -91,11 +97,27 @@ def peak_bandwidth(device_name: str) -> float | None:
     return None
 
 
+def rank_share(args: ModelArgs, world: int) -> ModelArgs:
+    """The layers one rank of `world`-way tensor parallelism computes (fasteagle.tp), as a model of its own: 1/world
+    of the heads, KV heads and feed-forward features, the whole embedding and LM head. Timing it on one GPU gives a
+    rank's step without the all-reduces (2 per layer)."""
+    from fasteagle.tp import check
+
+    check(args, world)
+    return ModelArgs.from_dict({**args.to_dict(), "n_heads": args.n_heads // world,
+                                "n_kv_heads": args.n_kv_heads // world,
+                                "intermediate_size": args.intermediate_size // world})
+
+
 def shape_args(shape: str) -> tuple[str, ModelArgs]:
-    """A preset name (SHAPES) or a JSON object of ModelArgs fields (e.g. '{"dim": 64, "n_layers": 2, ...}';
-    missing fields take ModelArgs' defaults, i.e. Llama-2-7B's). Returns (name, ModelArgs)."""
+    """A preset name (SHAPES), one rank's share of it under N-way tensor parallelism ("NAME/tpN", rank_share), or a
+    JSON object of ModelArgs fields (e.g. '{"dim": 64, "n_layers": 2, ...}'; missing fields take ModelArgs'
+    defaults, i.e. Llama-2-7B's). Returns (name, ModelArgs)."""
     if shape in SHAPES:
         return shape, ModelArgs(**SHAPES[shape])
+    name, _, tp = shape.partition("/tp")
+    if name in SHAPES and tp.isdigit() and int(tp) >= 1:
+        return shape, rank_share(ModelArgs(**SHAPES[name]), int(tp))
     if shape.lstrip().startswith("{"):
         try:
             d = json.loads(shape)

@@ -35,6 +35,7 @@ from fasteagle.download import DEFAULT_HEAD
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
 from fasteagle.model import causal_mask, kv_caches
+from fasteagle.tp import from_rank0
 from fasteagle.tree import build_dynamic_tree
 from fasteagle.verify import accept
 
@@ -176,6 +177,8 @@ def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
              str(target.max_seq_len >= 64)]
     if target.quantization:
         parts.append(json.dumps(target.quantization, sort_keys=True))
+    if target.tp is not None:
+        parts.append(f"tp={target.tp.world}")
     if head is not None:
         parts += [json.dumps(head.args.to_dict(), sort_keys=True), str(None if head.vocab_ids is None else
                                                                        head.vocab_ids.shape[0]),
@@ -235,13 +238,16 @@ def cached_costs(target, head, compiled: bool = False, cache_dir: Path | None = 
     from fasteagle.download import cache_dir as user_cache
 
     path = (cache_dir or user_cache()) / "costs" / f"{costs_key(target, head, compiled, draft_int8)}.json"
-    cached = _read_costs(path)
-    if cached is not None and "ar" in cached and \
-            probe_ar(target, head, compiled=compiled, draft_int8=draft_int8) >= STALE * cached["ar"]:
+    tp = target.tp  # tensor parallelism: every rank times the same forwards together and takes rank 0's table
+    cached = from_rank0(_read_costs(path), tp)
+    if cached is not None and "ar" in cached and from_rank0(
+            probe_ar(target, head, compiled=compiled, draft_int8=draft_int8) >= STALE * cached["ar"], tp):
         return cached
-    costs = measure_costs(target, head, compiled=compiled, draft_int8=draft_int8)
+    costs = from_rank0(measure_costs(target, head, compiled=compiled, draft_int8=draft_int8), tp)
     if cached is not None:
         costs = merge_costs(cached, costs)
+    if tp is not None and tp.rank != 0:
+        return costs
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fasteagle.errors import FastEagleError
 
@@ -48,27 +49,39 @@ def read_config(ckpt_dir, kind: str) -> dict:
     return cfg
 
 
-def load_weights(module: torch.nn.Module, ckpt_dir, device="cpu", dtype=torch.float32, skip=()):
-    """Load model.safetensors into `module`, checking that names and shapes match exactly."""
+def load_weights(module: torch.nn.Module, ckpt_dir, device="cpu", dtype=torch.float32, skip=(), shard=None):
+    """Load model.safetensors into `module`, checking that names and shapes match exactly.
+    shard(name) -> (dim, rank, world) or None: read only that rank's 1/world slice of the tensor along dim (tensor
+    parallelism, fasteagle.tp: nothing else of it is read into memory)."""
     path = Path(ckpt_dir) / WEIGHTS
+    expected = module.state_dict()
     try:
-        state = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys()) - set(skip)
+            missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing or extra:
+                raise FastEagleError(f"{path}: weights do not match the config: missing {missing[:5]}, "
+                                     f"unexpected {extra[:5]}")
+            state = {name: _read(f, name, tuple(expected[name].shape), shard and shard(name), path) for name in names}
     except (SafetensorError, OSError, ValueError) as e:
         raise FastEagleError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
-    for name in skip:
-        state.pop(name, None)
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise FastEagleError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, t in state.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise FastEagleError(
-                f"{path}: {name} has shape {tuple(t.shape)} but the config implies {tuple(expected[name].shape)}"
-            )
     module.load_state_dict(state, strict=True)
     return module.to(device=device, dtype=dtype)
+
+
+def _read(f, name: str, want: tuple, shard, path) -> torch.Tensor:
+    """One tensor of an open safetensors file, whole or this rank's slice, after checking its full shape."""
+    sl = f.get_slice(name)
+    full = tuple(sl.get_shape())
+    if shard is None:
+        if full != want:
+            raise FastEagleError(f"{path}: {name} has shape {full} but the config implies {want}")
+        return f.get_tensor(name)
+    dim, rank, world = shard
+    if full[dim] % world or full[:dim] + (full[dim] // world,) + full[dim + 1:] != want:
+        raise FastEagleError(f"{path}: {name} has shape {full}, which does not split into {world} parts of {want}")
+    n = full[dim] // world
+    return sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
 
 
 @contextmanager
@@ -112,8 +125,10 @@ def write_checkpoint(out_dir, config: dict, state_dict: dict):
 
 
 def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | None = None,
-                attn_backend: str | None = None, quantize: str | None = None, group_size: int | None = None):
+                attn_backend: str | None = None, quantize: str | None = None, group_size: int | None = None,
+                tp=None):
     """Load a converted target model. Returns (Transformer with its cache set up, config dict).
+    tp (fasteagle.tp.TP): load this rank's shard only (tensor parallelism; the ranks are checked to agree).
     attn_backend: "triton" (the Triton kernels; the default on CUDA) or "sdpa" (PyTorch; the default elsewhere).
     A quantized checkpoint (config "quantization", fasteagle.quantize) loads as such; quantize ("int8" / "int4",
     group_size for int4) quantizes a fp checkpoint on load (fasteagle.quant)."""
@@ -128,16 +143,24 @@ def load_target(ckpt_dir, device="cpu", dtype=torch.float32, max_seq_len: int | 
     stored = cfg.get("quantization")
     if quantize and stored:
         raise FastEagleError(f"{ckpt_dir}: already quantized ({stored}); load it without quantizing")
+    if tp is not None and (stored or quantize):
+        raise FastEagleError("tensor parallelism of quantized targets is not supported yet")
     with torch.device("meta"):
         model = Transformer(args)
         if stored:
             quant.quantized_skeleton(model, stored, f"{ckpt_dir}/{CONFIG}")
+        if tp is not None:
+            from fasteagle import tp as tensor_parallel
+
+            tensor_parallel.check_same("checkpoint", tensor_parallel.fingerprint(ckpt_dir), tp)
+            tensor_parallel.shard(model, tp)
     model = model.to_empty(device="cpu")
     if quantize:  # from the fp32 weights, on the CPU; then onto the device
         group_size = quant.check_settings(model, quantize, group_size)  # before reading the weights
         model = quant.quantize_model(load_weights(model, ckpt_dir), quantize, group_size).to(device, dtype)
     else:
-        model = load_weights(model, ckpt_dir, device=device, dtype=dtype)
+        shard = None if tp is None else (lambda name: tensor_parallel.shard_of(name, tp))
+        model = load_weights(model, ckpt_dir, device=device, dtype=dtype, shard=shard)
     if model.quantization:
         quant.prepare_model(model)
     if attn_backend is None:

@@ -23,6 +23,7 @@ from fasteagle.errors import FastEagleError
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
 from fasteagle.model import causal_mask, kv_caches
 from fasteagle.sampling import DeviceParams, SamplingParams, choose_tokens, exponential_race
+from fasteagle.tp import same_seed
 from fasteagle.tree import MC_SIM_7B_63, StaticTreeShape, build_dynamic_tree, build_static_tree, dynamic_tree_size
 from fasteagle.verify import accept
 
@@ -320,7 +321,7 @@ class SpecEngine:
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            generator.manual_seed(same_seed(seed))  # tensor parallelism: every rank draws the same noise
         eos = set(eos_ids)
         T, dev = len(prompt_ids), self.device
         params = DeviceParams.of(params, self.target.args.vocab_size, dev)  # the numbers as data (see _compile)

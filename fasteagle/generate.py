@@ -175,12 +175,24 @@ def run(args):
         raise FastEagleError("empty prompt")
     max_seq_len = cache_size(args, len(ids), width, cfg["model"]["max_position_embeddings"])
 
+    args.tp = tensor_parallel(args)
     engine, cfg = load_engine(args, ckpt, draft_dir, bundled, auto, max_seq_len, max_seq_len - len(ids))
     if args.compile:  # compile and record every graph this generation can use, on its own prompt: not timed below
         t0 = time.perf_counter()
         engine.warmup(ids, args.max_new_tokens, params)
         _report(f"compile + warm-up: {time.perf_counter() - t0:.1f}s")
     decode(args, engine, ids, params, cfg.get("eos_token_ids") or [], tok, chat, max_seq_len)
+
+
+def tensor_parallel(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group and split the target across the ranks
+    (fasteagle.tp). Every rank generates; only rank 0 prints."""
+    from fasteagle import tp
+
+    layout = tp.from_env(args.device)
+    if layout is not None and layout.rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return layout
 
 
 def check_machine_flags(args):
@@ -221,9 +233,15 @@ def load_engine(args, ckpt, draft_dir, bundled, auto: bool, max_seq_len: int, ro
     dtype = torch_dtype(args.dtype, args.device)
     t0 = time.perf_counter()
     # on GPU the Triton kernels (attention reads only the live part of the cache); on CPU, PyTorch SDPA
-    target, cfg = load_target(ckpt, args.device, dtype, max_seq_len, quantize=getattr(args, "quantize", None))
+    target, cfg = load_target(ckpt, args.device, dtype, max_seq_len, quantize=getattr(args, "quantize", None),
+                              tp=getattr(args, "tp", None))
     dirs = bundled if auto and len(bundled) > 1 else [draft_dir] if draft_dir else []
     heads = [load_draft(d, target, args.device, dtype) for d in dirs]
+    if target.tp is not None:
+        from fasteagle.tp import check_same, fingerprint
+
+        for d in dirs:
+            check_same("draft head", fingerprint(d), target.tp)
     names = " / ".join(Path(d).name for d in dirs)
     quantized = f" {target.quantization['mode']}" if target.quantization else ""
     _report(f"load: {time.perf_counter() - t0:.1f}s ({Path(ckpt).name}{quantized}" +

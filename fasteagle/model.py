@@ -261,6 +261,7 @@ class Transformer(nn.Module):
         return (self.norm(x[0]), x[1]) if taps else self.norm(x)
 
     quantization = None  # {"mode", "group_size"} when the projections and LM head are quantized (fasteagle.quant)
+    tp = None  # fasteagle.tp.TP when this is one rank's shard (tensor parallelism)
 
     def lm_head_weight(self) -> torch.Tensor:
         """The LM head's [vocab, dim] weight, dense (a quantized target's: dequantized; tied: the embedding)."""
@@ -294,8 +295,8 @@ def setup_static_cache(model: nn.Module, max_seq_len: int, batch: int = 1, attn_
         raise ValueError(f"unknown attention backend {attn_backend!r}")
     a = model.args
     p = next(model.layers.parameters())
-    for layer in model.layers:
-        layer.attn.kv_cache = KVCache((batch, a.n_kv_heads, max_seq_len, a.head_dim), p.dtype, p.device)
+    for layer in model.layers:  # the layer's own KV heads (fewer than the model's under tensor parallelism)
+        layer.attn.kv_cache = KVCache((batch, layer.attn.n_kv_heads, max_seq_len, a.head_dim), p.dtype, p.device)
         layer.attn.backend = attn_backend
     model.register_buffer("rope", rope_cache(a, max_seq_len).to(p.device), persistent=False)
     model.max_seq_len = max_seq_len

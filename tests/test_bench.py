@@ -354,3 +354,14 @@ def test_random_weights_interrupted_keeps_rows(tmp_path, monkeypatch):
                                 "--reps", "1", "--warmup", "0", "--phases", "ar,verify", "--out", str(out)]) == 130
     res = json.loads(out.read_text())
     assert "interrupted after 1 rows" in res["incomplete"] and [r["op"] for r in res["results"]] == ["ar_step"]
+
+
+def test_tensor_parallel_rank_share():
+    """'NAME/tpN': one rank's layers under N-way tensor parallelism, the embedding and LM head whole."""
+    _, whole = shape_args("llama-3.1-70b")
+    name, share = shape_args("llama-3.1-70b/tp8")
+    assert name == "llama-3.1-70b/tp8"
+    assert (share.n_heads, share.n_kv_heads, share.intermediate_size) == (8, 1, 3584)
+    assert (share.dim, share.vocab_size, share.n_layers) == (whole.dim, whole.vocab_size, whole.n_layers)
+    with pytest.raises(FastEagleError, match="KV heads"):
+        shape_args("llama-3.1-70b/tp16")

@@ -228,3 +228,19 @@ def test_static_tree_and_sampling_run_on_the_quantized_model(quantized_pairs):
     dynamic = SpecEngine(target, head, depth=3, top_k=4, total_tokens=12)
     a, b = dynamic.generate(prompt, 30, params, seed=7), dynamic.generate(prompt, 30, params, seed=7)
     assert a.tokens == b.tokens and len(a.tokens) == 30 and all(0 <= t < 64 for t in a.tokens)
+
+
+def test_quality_measures_tell_fp32_from_int4():
+    """bench.quant_quality: fp32 against itself is a perfect match; int4 of a random target is not, and the measures
+    say so in the right direction (KL > 0, some greedy token or top-1 changed)."""
+    from bench.quant_quality import greedy_stats, text_stats
+
+    fp = random_target(seed=4, max_seq_len=64)
+    q = quantized(random_target(seed=4, max_seq_len=64), "int4", 32)
+    ps = prompts(6, fp.args.vocab_size)
+    g = greedy_stats({"fp32": fp, "int4": q}, ps, 16, (), False)
+    t = text_stats({"fp32": fp, "int4": q}, ps, False)
+    assert g["fp32"] == {"equal_share": 1.0, "mean_common_prefix": 16.0}
+    assert t["fp32"]["kl_per_token"] == pytest.approx(0, abs=1e-6) and t["fp32"]["top1_agreement"] == 1.0
+    assert t["int4"]["kl_per_token"] > 1e-4
+    assert g["int4"]["equal_share"] < 1.0 or t["int4"]["top1_agreement"] < 1.0
