@@ -34,15 +34,16 @@ import torch
 from fasteagle.download import DEFAULT_HEAD
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
+from fasteagle.linear import packed_min_rows
 from fasteagle.model import causal_mask, kv_caches
 from fasteagle.tp import from_rank0
 from fasteagle.tree import build_dynamic_tree
 from fasteagle.verify import accept
 
 CALIBRATION = "calibration.json"
-VERIFY_GRID = (1, 2, 4, 8, 12, 16, 32, 64)
+VERIFY_GRID = (1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64)  # dense where CPU kernels change (few rows)
 DRAFT_GRID = (1, 2, 4, 8, 16)
-COSTS_VERSION = "4"  # bump when the engine's forwards change what the cached timings measured
+COSTS_VERSION = "5"  # bump when the engine's forwards change what the cached timings measured
 # shapes calibrated (and their trees timed) by default: chains, one-level fans and small trees (what a CPU can
 # afford) up to the reference's 60-token tree
 CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (4, 1, 5), (1, 2, 3), (1, 3, 4), (1, 4, 5), (1, 6, 7), (2, 2, 4),
@@ -179,6 +180,8 @@ def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
         parts.append(json.dumps(target.quantization, sort_keys=True))
     if target.tp is not None:
         parts.append(f"tp={target.tp.world}")
+    if not compiled and dev.type == "cpu":
+        parts.append(f"packed_from={packed_min_rows()}")  # the measured kernel choice the timings ran with
     if head is not None:
         parts += [json.dumps(head.args.to_dict(), sort_keys=True), str(None if head.vocab_ids is None else
                                                                        head.vocab_ids.shape[0]),
@@ -237,6 +240,8 @@ def cached_costs(target, head, compiled: bool = False, cache_dir: Path | None = 
     measured again and merged with the old one entry by entry (merge_costs)."""
     from fasteagle.download import cache_dir as user_cache
 
+    if not compiled and target.embed.weight.device.type == "cpu":  # the kernel choice (costs_key) is made here
+        cpu_fast_paths(target, head, draft_int8)
     path = (cache_dir or user_cache()) / "costs" / f"{costs_key(target, head, compiled, draft_int8)}.json"
     tp = target.tp  # tensor parallelism: every rank times the same forwards together and takes rank 0's table
     cached = from_rank0(_read_costs(path), tp)

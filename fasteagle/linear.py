@@ -66,14 +66,23 @@ def pack_linears(model: nn.Module, rows: int = 8) -> bool:
 
 
 PACKED_ONE_ROW_MIN_THREADS = 2
+# {threads: fewest rows that take the packed weight}, measured on this machine by measure_packed_rows; without a
+# measurement: 1 row from PACKED_ONE_ROW_MIN_THREADS threads on, else 2
+PACKED_MIN_ROWS: dict[int, int] = {}
+
+
+def packed_min_rows() -> int:
+    threads = torch.get_num_threads()
+    return PACKED_MIN_ROWS.get(threads, 1 if threads >= PACKED_ONE_ROW_MIN_THREADS else 2)
 
 
 def use_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
-    """Whether an eager CPU linear on x takes its packed weight: for multi-row inputs always, for one row with
-    PACKED_ONE_ROW_MIN_THREADS threads or more (measured on 2 AVX2 cores: oneDNN's packed GEMV beats MKL's sgemv
-    with 2 threads, loses to it with 1). Never while compiling (inductor: the plain linear)."""
+    """Whether an eager CPU linear on x takes its packed weight: for inputs of packed_min_rows() rows or more. Which
+    is faster for few rows depends on the CPU: on 2 AVX2 cores (AMD) oneDNN's packed GEMV beat MKL's sgemv with 2
+    threads and lost with 1; on 2 AVX-512 cores (Intel) MKL's sgemv is ~20% faster at one or two rows and the packed
+    GEMM faster from four. Never while compiling (inductor: the plain linear)."""
     return (packed is not None and not torch.compiler.is_compiling()
-            and (x.numel() > x.shape[-1] or torch.get_num_threads() >= PACKED_ONE_ROW_MIN_THREADS))
+            and x.numel() // x.shape[-1] >= packed_min_rows())
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
@@ -175,3 +184,49 @@ def dequantize_linears(model: nn.Module):
             m.qpacked = None
         if isinstance(m, FusedInput):
             m.group_qpacked = None
+
+
+STREAM_BYTES = 96 << 20  # more weight bytes than a CPU's last-level cache: timings that stream from memory, as a step
+
+
+@torch.no_grad()
+def measure_packed_rows(model: nn.Module, max_rows: int = 4, reps: int = 3) -> int:
+    """Time few-row passes over `model`'s packed projections both ways (MKL on the plain weights, member by member;
+    oneDNN on the packed copy, a FusedInput's group in one call), over the first ones up to STREAM_BYTES of weights
+    so that they stream from memory as in a real step, and record in PACKED_MIN_ROWS the fewest rows from which the
+    packed path is faster (max_rows when it is not below that). About 0.1 s for SmolLM2-135M. Returns it."""
+    import time
+
+    units, total = [], 0  # (in_features, plain weights and biases, packed weight, packed bias)
+    for m in model.modules():
+        if total >= STREAM_BYTES:
+            break
+        if isinstance(m, FusedInput) and m.group_packed is not None:
+            members = m.group()
+            units.append((members[0].in_features, [(g.weight, g.bias) for g in members], m.group_packed, m.group_bias))
+        elif isinstance(m, Linear) and m.packed is not None:
+            units.append((m.in_features, [(m.weight, m.bias)], m.packed, m.bias))
+        else:
+            continue
+        total += sum(w.numel() * w.element_size() for w, _ in units[-1][1])
+    if not units:
+        return packed_min_rows()
+    best = max_rows
+    for rows in range(max_rows - 1, 0, -1):
+        x = {n: torch.randn(1, rows, n) for n, *_ in units}
+        t = {"plain": float("inf"), "packed": float("inf")}
+        for _ in range(reps):
+            for kind in t:
+                t0 = time.perf_counter()
+                for n, plain, packed, bias in units:
+                    if kind == "plain":
+                        for w, b in plain:
+                            F.linear(x[n], w, b)
+                    else:
+                        torch.ops.mkldnn._linear_pointwise(x[n], packed, bias, "none", [], "")
+                t[kind] = min(t[kind], time.perf_counter() - t0)
+        if t["packed"] > t["plain"]:
+            break
+        best = rows
+    PACKED_MIN_ROWS[torch.get_num_threads()] = best
+    return best

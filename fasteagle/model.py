@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fasteagle.linear import FusedInput, Linear, pack_linears, pack_weight, packed_linear
+from fasteagle.linear import (PACKED_MIN_ROWS, FusedInput, Linear, measure_packed_rows, pack_linears, pack_weight,
+                              packed_linear)
 from fasteagle.moe import MoEFeedForward
 
 
@@ -275,11 +276,14 @@ class Transformer(nn.Module):
     lm_head_packed = None
 
     def pack(self, rows: int = 8) -> bool:
-        """CPU: pack the layers' and the LM head's weights for multi-row inputs (see Linear). Idempotent."""
+        """CPU: pack the layers' and the LM head's weights for multi-row inputs (see Linear), and measure from how many
+        rows the packed weights are faster on this machine (linear.measure_packed_rows, once). Idempotent."""
         if not pack_linears(self, rows):
             return False
         if self.lm_head_packed is None:
             self.lm_head_packed = pack_weight(self.lm_head_weight(), rows)
+        if torch.get_num_threads() not in PACKED_MIN_ROWS:  # once per process and thread count
+            measure_packed_rows(self)
         return True
 
 

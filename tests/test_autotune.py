@@ -152,7 +152,7 @@ def test_adaptive_policy_greedy_equals_ar():
 # --- building the draft vocabulary and the calibration -------------------------------------------------------------
 
 
-def test_vocab_cli_and_calibration(tmp_path, capsys):
+def test_vocab_cli_and_calibration(tmp_path, capsys, monkeypatch):
     import json
 
     from fasteagle.autotune import auto_policy, read_calibration
@@ -193,7 +193,9 @@ def test_vocab_cli_and_calibration(tmp_path, capsys):
     policy, choice, costs = auto_policy(target, small, out, cache_dir=tmp_path / "cache")
     assert set(costs) == {"ar", "verify", "draft", "extend", "tree"}
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 1
-    assert auto_policy(target, small, out, cache_dir=tmp_path / "cache")[2] == costs  # read back from the cache
+    # read back from the cache (the start-up probe's check of a cached table is timing: tested on its own, not here)
+    monkeypatch.setattr("fasteagle.autotune.STALE", 0.0)
+    assert auto_policy(target, small, out, cache_dir=tmp_path / "cache")[2] == costs
     assert (policy is None) == (choice.shape is None)
     assert draft_vocab(torch.tensor([5, 0, 9, 9]), 2, always=[1]).tolist() == [1, 2]
 
