@@ -6,8 +6,8 @@ the next-token distributions move.
 - Greedy: for every MT-bench first turn (chat template), the first --tokens greedy tokens of each quantized model
   (quantized on load) against fp32's: the share of questions whose tokens are all equal, and the mean length of the
   common prefix.
-- A fixed text: the first --conversations ShareGPT conversations of the shared data (both sides, chat template,
-  at most 512 tokens each), teacher-forced: the mean log-likelihood per token under each model, its difference to
+- A fixed text: the first --conversations ShareGPT conversations of the shared data (the turns they hold: the
+  shared files keep the user's first turn only; chat template, at most 512 tokens each), teacher-forced: the mean log-likelihood per token under each model, its difference to
   fp32's, KL(fp32 || quantized) per token and the share of positions whose top-1 token agrees with fp32's.
 """
 import argparse
@@ -43,7 +43,8 @@ def parse_args(argv):
 
 
 def text_ids(tok, path: Path, n: int) -> list[list[int]]:
-    """The first n conversations of a ShareGPT file as chat-template token ids (at most MAX_TEXT_TOKENS each)."""
+    """The first n conversations of a ShareGPT file (of 16 tokens or more) as chat-template token ids, at most
+    MAX_TEXT_TOKENS each."""
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -53,10 +54,13 @@ def text_ids(tok, path: Path, n: int) -> list[list[int]]:
     for rec in records:
         msgs = [{"role": roles[t.get("from")], "content": t.get("value", "")}
                 for t in rec.get("conversations", []) if t.get("from") in roles]
-        if len(msgs) >= 2 and msgs[0]["role"] == "user":
-            out.append(tok.encode_chat(msgs, add_generation_prompt=False)[:MAX_TEXT_TOKENS])
+        ids = tok.encode_chat(msgs, add_generation_prompt=False)[:MAX_TEXT_TOKENS] if msgs else []
+        if len(ids) >= 16:
+            out.append(ids)
         if len(out) == n:
             break
+    if not out:
+        raise FastEagleError(f"{path}: no ShareGPT conversations of 16 tokens or more")
     return out
 
 
@@ -127,8 +131,9 @@ def run(args) -> int:
     res = header(args, "quant_quality")
     res["command"] = shlex.join(["python", "-m", "bench.quant_quality", *args.argv])
     res["quantization"] = {m: models[m].quantization for m in modes}
+    texts = text_ids(tok, args.text, args.conversations)  # checked before the long part
     res["greedy"] = greedy_stats(models, prompts, args.tokens, eos, not args.no_progress)
-    res["fixed_text"] = text_stats(models, text_ids(tok, args.text, args.conversations), not args.no_progress)
+    res["fixed_text"] = text_stats(models, texts, not args.no_progress)
     for m in modes:
         g, t = res["greedy"][m], res["fixed_text"][m]
         print(f"{m}: {g['equal_share']:.0%} of {len(prompts)} answers equal fp32's first {args.tokens} tokens "
