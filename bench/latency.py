@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from bench.env import BENCH, default_out, device_info, header, sync, write_json_atomic
-from bench.report import TREES, format_summary, lossless_report, plot_questions, summarize
+from bench.report import (TREES, ar_of, base_method, format_summary, lossless_report, plot_questions, quant_of,
+                          summarize)
 from fasteagle.cli import add_device_flags, add_draft_int8_flag, interrupted, sigterm_as_interrupt, torch_dtype
 from fasteagle.errors import FastEagleError
 from fasteagle.tp import from_rank0
@@ -48,6 +49,7 @@ from fasteagle.download import DEFAULT_HEAD, DEFAULT_HEAD3  # noqa: E402
 from fasteagle.engine import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS  # noqa: E402
 METHODS = ("ar", "eagle1", "eagle2", "eagle3", "hf")
 AUTO = ("eagle2", "eagle3")  # the dynamic-tree methods, whose shape is chosen automatically unless given
+QUANT = ("int8", "int4")  # a method on a target quantized on load: METHOD@int8, METHOD@int4 (fasteagle.quant)
 MISMATCH_EXIT = 3
 
 
@@ -62,7 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--draft3", type=Path, help="EAGLE-3 draft head for eagle3 (default model: its bundled EAGLE-3 "
                                                "head, when there is one)")
     p.add_argument("--questions", type=Path, help=f"question .jsonl (default: {DEFAULT_QUESTIONS})")
-    p.add_argument("--methods", default="ar,eagle1,eagle2", help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default="ar,eagle1,eagle2",
+                   help=f"comma-separated, from {', '.join(METHODS)}; METHOD@int8 / METHOD@int4 runs it on the "
+                        f"target quantized on load (e.g. ar,eagle2,ar@int8,eagle2@int8): each quantization's EAGLE "
+                        f"answers are checked against its own AR's")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--stride", type=int, default=1, help="every K-th question (all categories, fewer questions)")
     p.add_argument("--turns", type=int, help="at most this many turns per question (default: all)")
@@ -159,23 +164,27 @@ class Runner:
         # is faster); compiled graphs and CUDA graphs need one fixed size
         self.fit = args.max_seq_len is None and args.device == "cpu" and not args.compile
         self.max_seq_len = args.max_seq_len or min(self.model_max, 4096)
-        self.target, self.cfg = load_target(args.checkpoint, self.device, self.dtype,
-                                            64 if self.fit else self.max_seq_len, self.backend,
-                                            tp=tp)
+        # one target per quantization the methods ask for (None: the checkpoint as stored)
+        self.targets = {}
+        for q in dict.fromkeys(quant_of(m) for m in methods):
+            self.targets[q], self.cfg = load_target(args.checkpoint, self.device, self.dtype,
+                                                    64 if self.fit else self.max_seq_len, self.backend,
+                                                    quantize=q, tp=tp)
+        self.target = self.targets.get(None) or next(iter(self.targets.values()))  # sizes and shapes for the report
         self.tok = load_tokenizer(args.checkpoint, self.cfg)
         self.eos = list(self.cfg.get("eos_token_ids") or [])
         # one head per EAGLE method: each engine sets up (and compiled graphs capture) its own draft cache
-        self.heads = {m: load_draft(head_dir(args, m), self.target, self.device, self.dtype) for m in methods
-                      if m in TREES}
-        if "eagle3" in self.heads and self.heads["eagle3"].arch != "eagle3":
+        self.heads = {m: load_draft(head_dir(args, m), self.target_of(m), self.device, self.dtype) for m in methods
+                      if base_method(m) in TREES}
+        if any(h.arch != "eagle3" for m, h in self.heads.items() if base_method(m) == "eagle3"):
             raise FastEagleError(f"--draft3 {args.draft3}: not an EAGLE-3 head")
         self.tree_sizes = {}
-        if "eagle1" in methods:
-            self.tree_sizes["eagle1"] = StaticTreeShape.from_choices(MC_SIM_7B_63).size
+        for m in (m for m in methods if base_method(m) == "eagle1"):
+            self.tree_sizes[m] = StaticTreeShape.from_choices(MC_SIM_7B_63).size
         self.policies, self.choices = {}, {}  # per dynamic-tree method: its adaptive shapes and the chooser's table
-        self.auto = args.auto_shape and any(m in AUTO for m in methods)
+        self.auto = args.auto_shape and any(base_method(m) in AUTO for m in methods)
         depth = args.depth
-        for m in (m for m in AUTO if m in methods):
+        for m in (m for m in methods if base_method(m) in AUTO):
             self.tree_sizes[m] = dynamic_tree_size(args.depth, args.tree_top_k, args.total_tokens)
             if self.auto:
                 depth = max(depth, self._choose_shape(m))
@@ -195,7 +204,7 @@ class Runner:
         (fasteagle.autotune). Returns the deepest shape's depth."""
         from fasteagle.autotune import auto_policy
 
-        policy, choice, _ = auto_policy(self.target, self.heads[method], head_dir(self.args, method),
+        policy, choice, _ = auto_policy(self.target_of(method), self.heads[method], head_dir(self.args, method),
                                         self.args.compile, draft_int8=self.args.draft_int8)
         self.policies[method], self.choices[method] = policy, choice
         print(f"[{method} shape: {describe_choice(choice)}]", file=sys.stderr)
@@ -209,9 +218,9 @@ class Runner:
 
         a = self.args
         head, policy = self.heads.get(method), self.policies.get(method)
-        if method in AUTO and self.auto and policy is None:
+        if base_method(method) in AUTO and self.auto and policy is None:
             head = None  # the chooser found no shape faster than AR here: the method runs as plain decoding
-        return SpecEngine(self.target, head, tree=TREES.get(method, "dynamic"), depth=a.depth,
+        return SpecEngine(self.target_of(method), head, tree=TREES.get(base_method(method), "dynamic"), depth=a.depth,
                           top_k=a.tree_top_k, total_tokens=a.total_tokens, draft_temperature=a.draft_temperature,
                           compile=a.compile, policy=policy, draft_int8=a.draft_int8)
 
@@ -219,9 +228,13 @@ class Runner:
         if not self.fit:
             return self.engines[method]
         n = prompt_len + self.args.max_new_tokens + self.headroom
-        if self.target.max_seq_len != n:
-            self.target.setup_cache(n, attn_backend=self.backend)
+        target = self.target_of(method)
+        if target.max_seq_len != n:
+            target.setup_cache(n, attn_backend=self.backend)
         return self._engine(method)  # cheap: sets up the draft cache for this size
+
+    def target_of(self, method):
+        return self.targets[quant_of(method)]
 
     def generate(self, method, ids, seed):
         """-> (tokens, seconds, accept_lens, stop_reason, cache size used or None)"""
@@ -235,7 +248,7 @@ class Runner:
         engine = self.engine(method, len(ids))
         sync(self.device)
         r = engine.generate(ids, n_new, self.params, seed=seed, eos_ids=self.eos)  # synchronises before timing ends
-        return r.tokens, r.seconds, r.accept_lens, r.stop_reason, self.target.max_seq_len
+        return r.tokens, r.seconds, r.accept_lens, r.stop_reason, self.target_of(method).max_seq_len
 
     def warmup(self, questions):
         """Untimed runs: args.warmup generations per method on the first prompt; with --compile, also one prefill
@@ -284,13 +297,13 @@ class Runner:
                 outs.append(tokens)
             rec["methods"][m] = {"turns": turns}
             outputs[m] = outs
-        # greedy losslessness: every method's answer must equal AR's, turn by turn ("hf" is another implementation:
-        # its agreement is recorded but does not count towards the verdict)
-        if self.params.greedy and "ar" in outputs:
+        # greedy losslessness: every method's answer must equal AR's on the same target, turn by turn ("hf" is
+        # another implementation: its agreement is recorded but does not count towards the verdict)
+        if self.params.greedy:
             for m, outs in outputs.items():
-                if m == "ar":
+                if base_method(m) == "ar" or ar_of(m) not in outputs:
                     continue
-                for entry, mine, ref in zip(rec["methods"][m]["turns"], outs, outputs["ar"]):
+                for entry, mine, ref in zip(rec["methods"][m]["turns"], outs, outputs[ar_of(m)]):
                     entry["equal_ar"] = mine == ref
                     if mine != ref:
                         entry["first_difference"] = next(
@@ -300,7 +313,7 @@ class Runner:
 
 def head_dir(args, method):
     """The draft head directory a speculative method uses."""
-    return args.draft3 if method == "eagle3" else args.draft
+    return args.draft3 if base_method(method) == "eagle3" else args.draft
 
 
 def describe_choice(choice) -> str:
@@ -393,29 +406,32 @@ def run_questions(args) -> int:
     from bench.shapes import kv_bytes_per_forward, weight_bytes_per_forward
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if base_method(m) not in METHODS or m.count("@") > 1
+           or (quant_of(m) is not None and (quant_of(m) not in QUANT or m.startswith("hf@")))]
     if bad or not methods:
-        raise FastEagleError(f"--methods: unknown {bad or methods} (choose from {', '.join(METHODS)})")
+        raise FastEagleError(f"--methods: unknown {bad or methods} (choose from {', '.join(METHODS)}, each but hf "
+                             f"optionally @{' / @'.join(QUANT)})")
     if len(set(methods)) != len(methods):
         raise FastEagleError("--methods lists a method twice")
     if args.max_new_tokens < 1:
         raise FastEagleError("--max-new-tokens must be >= 1")
     if args.warmup < 0 or (args.limit is not None and args.limit < 1) or (args.turns is not None and args.turns < 1):
         raise FastEagleError("--warmup must be >= 0, --limit and --turns >= 1")
+    bases = {base_method(m) for m in methods}
     if args.checkpoint is None:
         from fasteagle.download import ensure_smollm2
 
         args.checkpoint = ensure_smollm2()
         if args.draft is None and DEFAULT_HEAD.is_dir():
             args.draft = DEFAULT_HEAD
-        if args.draft3 is None and "eagle3" in methods and DEFAULT_HEAD3.is_dir():
+        if args.draft3 is None and "eagle3" in bases and DEFAULT_HEAD3.is_dir():
             args.draft3 = DEFAULT_HEAD3
-    if any(m in ("eagle1", "eagle2") for m in methods) and args.draft is None:
+    if bases & {"eagle1", "eagle2"} and args.draft is None:
         raise FastEagleError("methods eagle1/eagle2 need a draft head: pass --draft (or --methods ar)")
-    if "eagle3" in methods and args.draft3 is None:
+    if "eagle3" in bases and args.draft3 is None:
         raise FastEagleError("method eagle3 needs an EAGLE-3 head: pass --draft3 (the default model has none "
                              "bundled yet)")
-    if "eagle3" not in methods:
+    if "eagle3" not in bases:
         args.draft3 = None  # not used: kept out of the settings
     questions_path = args.questions or DEFAULT_QUESTIONS
     if args.stride < 1:

@@ -5,6 +5,25 @@ from pathlib import Path
 TREES = {"eagle1": "static", "eagle2": "dynamic", "eagle3": "dynamic"}  # the speculative methods; EAGLE-1 = the reference's default tree
 
 
+def base_method(m: str) -> str:
+    """A method's decoding, without its quantization: eagle2@int8 -> eagle2."""
+    return m.split("@")[0]
+
+
+def quant_of(m: str) -> str | None:
+    """The quantization a method's target is loaded with (None: as stored): eagle2@int8 -> int8."""
+    return m.split("@")[1] if "@" in m else None
+
+
+def ar_of(m: str) -> str:
+    """The AR method a method's answers are checked against: plain AR on the same target (eagle2@int8 -> ar@int8)."""
+    return "ar" + (f"@{quant_of(m)}" if quant_of(m) else "")
+
+
+def speculative(m: str) -> bool:
+    return base_method(m) in TREES
+
+
 def _pool(entries: list[dict], method: str, ctx: dict) -> dict:
     """Aggregate one method's question-turn entries."""
     tokens = sum(e["new_tokens"] for e in entries)
@@ -25,7 +44,7 @@ def _pool(entries: list[dict], method: str, ctx: dict) -> dict:
             # slots one forward reads: the live cache (Triton kernel, transformers) or the whole static cache (SDPA)
             live = e["cache_len"] if ctx["backend"] == "sdpa" and e["cache_len"] else \
                 e["prompt_tokens"] + e["new_tokens"] / 2
-            if e["accept_lens"] or method in TREES:
+            if e["accept_lens"] or speculative(method):
                 forwards = 1 + e["rounds"] + max(0, e["new_tokens"] - 1 - sum(e["accept_lens"]))
             else:
                 forwards = e["new_tokens"]  # prefill + one decode per further token
@@ -40,9 +59,12 @@ def _pool(entries: list[dict], method: str, ctx: dict) -> dict:
 def summarize(records: list[dict], methods: list[str], ctx: dict) -> dict:
     def block(recs):
         s = {m: _pool([e for r in recs for e in r["methods"][m]["turns"]], m, ctx) for m in methods}
-        for m in methods:
-            ar, me = s.get("ar", {}).get("tokens_per_s"), s[m]["tokens_per_s"]
-            s[m]["speedup_vs_ar"] = round(me / ar, 4) if ar and me else None
+        for m in methods:  # against the unquantized AR; a quantized method also against its own target's AR
+            me = s[m]["tokens_per_s"]
+            for key, ref in (("speedup_vs_ar", "ar"), ("speedup_vs_own_ar", ar_of(m))):
+                ar = s.get(ref, {}).get("tokens_per_s")
+                if key == "speedup_vs_ar" or quant_of(m):
+                    s[m][key] = round(me / ar, 4) if ar and me else None
         return s
 
     cats = defaultdict(list)
@@ -52,12 +74,12 @@ def summarize(records: list[dict], methods: list[str], ctx: dict) -> dict:
 
 
 def lossless_report(records: list[dict], methods: list[str], greedy: bool) -> dict:
-    checked = greedy and "ar" in methods and any(m in TREES for m in methods)
+    checked = greedy and any(speculative(m) and ar_of(m) in methods for m in methods)
     mismatches = [{"question_id": r["question_id"], "category": r["category"], "method": m, "turn": e["turn"],
                    "first_difference": e.get("first_difference")}
-                  for r in records for m in methods if m in TREES
+                  for r in records for m in methods if speculative(m)
                   for e in r["methods"][m]["turns"] if e.get("equal_ar") is False]
-    compared = sum(1 for r in records for m in methods if m in TREES for e in r["methods"][m]["turns"]
+    compared = sum(1 for r in records for m in methods if speculative(m) for e in r["methods"][m]["turns"]
                    if "equal_ar" in e)
     why = None if checked else ("sampling (temperature > 0): outputs are not expected to match AR" if not greedy
                                 else "needs ar and an EAGLE method in --methods")
@@ -114,7 +136,7 @@ def plot_questions(res: dict, path: Path):
     plt = _pyplot()
     s = res["summary"]
     methods = list(s["overall"])
-    spec = [m for m in methods if m in TREES]
+    spec = [m for m in methods if speculative(m)]
     others = [m for m in methods if m != "ar"]
     cats = ["all", *s["per_category"]]
     block = {"all": s["overall"], **s["per_category"]}

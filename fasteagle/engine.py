@@ -22,7 +22,7 @@ from fasteagle.draft import cpu_fast_paths
 from fasteagle.errors import FastEagleError
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
 from fasteagle.model import causal_mask, kv_caches
-from fasteagle.sampling import DeviceParams, SamplingParams, choose_tokens, exponential_race
+from fasteagle.sampling import DeviceParams, SamplingParams, choose_tokens, sampling_noise
 from fasteagle.tp import same_seed
 from fasteagle.tree import MC_SIM_7B_63, StaticTreeShape, build_dynamic_tree, build_static_tree, dynamic_tree_size
 from fasteagle.verify import accept
@@ -182,7 +182,7 @@ class SpecEngine:
         # prefill runs once per prompt at a bucketed length: one graph per bucket, no CUDA graph needed
         self._prefill_fn = torch.compile(self._prefill, fullgraph=True, dynamic=False)
 
-    def _prefill(self, tokens, length, params: DeviceParams, race):
+    def _prefill(self, tokens, length, params: DeviceParams, noise):
         """tokens [1, Tb] (the prompt padded to a bucket), length [1] = the real prompt length T.
         Sets the state (L = T, root = the first new token, root_out) and returns the first token [1]."""
         Tb = tokens.shape[1]  # also the key window: slots [0, Tb)
@@ -190,7 +190,7 @@ class SpecEngine:
         zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
         hidden, feats = self._target(tokens, pos, zero, causal_mask(Tb, tokens.device), Tb)  # [1, Tb, dim]
         last = hidden[0].index_select(0, length - 1)  # [1, dim]
-        first = choose_tokens(self.target.logits(last), params, race)  # [1]
+        first = choose_tokens(self.target.logits(last), params, noise)  # [1]
         self.cache_len.copy_(length)
         self.root.copy_(first)
         if self.draft is not None:
@@ -200,13 +200,13 @@ class SpecEngine:
             self.root_out.copy_(out.index_select(0, length - 1)[0])
         return first
 
-    def _decode(self, params: DeviceParams, race, window: int | None):
+    def _decode(self, params: DeviceParams, noise, window: int | None):
         """Plain AR step: the root at position L -> the next token [1]. window: the key window (_window).
         With a draft head (AR steps between rounds, chosen by the policy) the head extends by the pair (feature L,
         next token), as after a round, so that the next round drafts from an up-to-date state."""
         L = self.cache_len
         hidden, feats = self._target(self.root[None], L[None], L, causal_mask(1, L.device), window)
-        nxt = choose_tokens(self.target.logits(hidden[0]), params, race)
+        nxt = choose_tokens(self.target.logits(hidden[0]), params, noise)
         if self.draft is not None:
             out = self.draft(nxt[None], feats, L[None], L, causal_mask(1, L.device), window)[0]
             self.root_out.copy_(out[0])
@@ -228,7 +228,7 @@ class SpecEngine:
             return self.static_shape.size
         return dynamic_tree_size(shape.depth, shape.top_k, shape.total_tokens)
 
-    def _round(self, params: DeviceParams, race, shape, window: int | None):
+    def _round(self, params: DeviceParams, noise, shape, window: int | None):
         """One speculative round with the dynamic tree `shape` (None: the static tree); window: the key window of
         the target and the draft (_window). Returns packed [D+2] = (number of emitted tokens, the tokens, padding)."""
         L, root = self.cache_len, self.root
@@ -240,7 +240,7 @@ class SpecEngine:
                                      window)
         hidden, feats = self._target(tree.tokens[None], (L + tree.depth)[None], L, tree.mask, window)  # [1, N, dim]
         hidden, feats = hidden[0], feats[0]
-        choice = choose_tokens(self.target.logits(hidden), params, race)  # [N]
+        choice = choose_tokens(self.target.logits(hidden), params, noise)  # [N]
         accept_len, path, emitted = accept(tree, choice)
         P = path.shape[0]
         # draft extend on the accepted path: (target feature at path[d], the token that followed it)
@@ -303,11 +303,11 @@ class SpecEngine:
         reach = max(self.tree_size, self.draft.max_seq_len - self.max_seq_len) if speculative else 1
         return next(b for b in buckets(MIN_WINDOW, self._cache_cap()) if b >= min(L + reach, self._cache_cap()))
 
-    def _race(self, rows: int, params: SamplingParams, generator):
-        # exponential noise for sampling, drawn outside the compiled graph (generators don't trace)
+    def _noise(self, rows: int, params: SamplingParams, generator):
+        # the sampling's random numbers, drawn outside the compiled graph (generators don't trace)
         if params.greedy:
             return None
-        return exponential_race(rows, self.target.args.vocab_size, generator, self.device)
+        return sampling_noise(rows, generator, self.device)
 
     @torch.no_grad()
     def stream(self, prompt_ids, max_new_tokens: int, params: SamplingParams = SamplingParams(), seed: int | None = None,
@@ -328,7 +328,7 @@ class SpecEngine:
         Tb = self._bucket(T)
         tokens = torch.zeros(1, Tb, dtype=torch.long, device=dev)
         tokens[0, :T] = torch.tensor(prompt_ids, dtype=torch.long)
-        first = self._prefill_fn(tokens, torch.tensor([T], device=dev), params, self._race(1, params, generator))
+        first = self._prefill_fn(tokens, torch.tensor([T], device=dev), params, self._noise(1, params, generator))
         L, produced = T, 0
 
         def emit(new):
@@ -353,7 +353,7 @@ class SpecEngine:
             if speculative and L + self._size(shape) > self.max_seq_len:
                 speculative = False  # too close to the end of the cache for a whole tree: finish token by token
             if speculative:
-                packed = self._round_fn(params, self._race(self._size(shape), params, generator), shape,
+                packed = self._round_fn(params, self._noise(self._size(shape), params, generator), shape,
                                         self._window(L, True))
                 vals = packed.tolist()  # the one host sync of the round
                 n = vals[0]
@@ -363,7 +363,7 @@ class SpecEngine:
                 L += n
                 yield emit(vals[1 : 1 + n])
             elif L < self.max_seq_len:
-                nxt = self._decode_fn(params, self._race(1, params, generator), self._window(L, False))
+                nxt = self._decode_fn(params, self._noise(1, params, generator), self._window(L, False))
                 L += 1
                 yield emit(nxt.tolist())
             else:
@@ -382,19 +382,19 @@ class SpecEngine:
         tokens = torch.zeros(1, self._bucket(T), dtype=torch.long, device=dev)
         tokens[0, :T] = torch.tensor(prompt_ids, dtype=torch.long)
         for _ in range(reps):
-            self._prefill_fn(tokens, torch.tensor([T], device=dev), dparams, self._race(1, params, generator))
+            self._prefill_fn(tokens, torch.tensor([T], device=dev), dparams, self._noise(1, params, generator))
         reach = range(T, min(T + max_new_tokens, self.max_seq_len))
         shapes = ([] if self.draft is None else self.policy.shapes if self.policy else [self.shape])
         for w in sorted({self._window(L, False) for L in reach}, key=str):
             for _ in range(reps):
                 self.cache_len.fill_(T)
-                self._decode_fn(dparams, self._race(1, params, generator), w)
+                self._decode_fn(dparams, self._noise(1, params, generator), w)
         for shape in shapes:
             fits = [L for L in reach if L + self._size(shape) <= self.max_seq_len]
             for w in sorted({self._window(L, True) for L in fits}, key=str):
                 for _ in range(reps):
                     self.cache_len.fill_(T)
-                    self._round_fn(dparams, self._race(self._size(shape), params, generator), shape, w).tolist()
+                    self._round_fn(dparams, self._noise(self._size(shape), params, generator), shape, w).tolist()
         if self.policy:  # warm-up rounds say nothing about acceptance
             self.policy.reset()
 

@@ -244,6 +244,32 @@ def test_eagle3_method_side_by_side(model_dirs, eagle3_dir, tmp_path, capsys):
     assert "pass --draft3" in capsys.readouterr().err
 
 
+def test_quantized_methods_side_by_side(model_dirs, tmp_path, capsys):
+    """--methods ar,eagle2,ar@int8,eagle2@int8,ar@int4: each quantization loads its own target; a quantized EAGLE
+    answer is checked against its own target's AR (and is lossless there), speedups are given against the unquantized
+    AR and, for quantized methods, against their own AR too."""
+    methods = ["ar", "eagle2", "ar@int8", "eagle2@int8", "ar@int4"]
+    out = tmp_path / "q.json"
+    assert latency.main(bench_argv(model_dirs, out, "--methods", ",".join(methods), "--limit", "2")) == 0
+    res = json.loads(out.read_text())
+    assert res["params"]["methods"] == methods
+    assert res["lossless"]["ok"] is True and res["lossless"]["compared_turns"] == 3 * 2  # eagle2 x 3 turns, twice
+    rec = res["records"][0]["methods"]
+    assert all(e["equal_ar"] for e in rec["eagle2@int8"]["turns"]) and rec["eagle2@int8"]["turns"][0]["rounds"] >= 1
+    assert "equal_ar" not in rec["ar@int8"]["turns"][0]  # an AR is the reference, not checked
+    s = res["summary"]["overall"]
+    assert s["eagle2@int8"]["speedup_vs_own_ar"] == pytest.approx(
+        s["eagle2@int8"]["tokens_per_s"] / s["ar@int8"]["tokens_per_s"], rel=1e-3)
+    assert s["ar@int4"]["speedup_vs_own_ar"] == 1.0 and "speedup_vs_own_ar" not in s["eagle2"]
+    # the int8 target really is another model: its answers need not equal fp32's, its own AR is what is compared
+    from bench.report import ar_of, base_method, quant_of
+    assert (base_method("eagle2@int8"), quant_of("eagle2@int8"), ar_of("eagle2@int8")) == ("eagle2", "int8", "ar@int8")
+    for bad in ("ar@int3", "hf@int8", "eagle2@int8@int4"):
+        capsys.readouterr()
+        assert latency.main(bench_argv(model_dirs, tmp_path / "x.json", "--methods", f"ar,{bad}")) == 1
+        assert "--methods: unknown" in capsys.readouterr().err
+
+
 def test_bad_input(model_dirs, tmp_path):
     ckpt, draft, qfile = model_dirs
     bad = tmp_path / "bad.jsonl"

@@ -44,7 +44,7 @@ from fasteagle.engine import SpecEngine
 from fasteagle.errors import FastEagleError
 from fasteagle.eagle3 import Eagle3Head
 from fasteagle.model import ModelArgs, Transformer
-from fasteagle.sampling import (DeviceParams, SamplingParams, choose_tokens, exponential_race, target_probs,
+from fasteagle.sampling import (DeviceParams, SamplingParams, choose_tokens, sampling_noise, target_probs,
                                  warp_logits)
 from tiny import random_head, tiny_args, with_draft_vocab
 
@@ -141,11 +141,11 @@ def patch_wrong_rule(rule):
     real_choose, real_accept = engine_mod.choose_tokens, engine_mod.accept
     seen = {}
 
-    def choose(logits, params, race=None):
+    def choose(logits, params, noise=None):
         seen["argmax"] = logits.argmax(-1)
-        if race is not None:  # an independent second draw from the full p at every node
-            seen["fresh"] = real_choose(logits, params, exponential_race(*race.shape, None, race.device))
-        return real_choose(logits, params, race)
+        if noise is not None:  # an independent second draw from the full p at every node
+            seen["fresh"] = real_choose(logits, params, sampling_noise(noise.shape[0], None, noise.device))
+        return real_choose(logits, params, noise)
 
     def accept_argmax(tree, choice):
         # wrong: at a node, take the child that is the target's argmax whenever there is one
@@ -406,13 +406,12 @@ def test_seeded_runs_are_reproducible(models, tree):
 
 
 def test_choose_tokens_samples_target_probs():
-    """The exponential race alone: many rows of the same logits, the same chi-square test."""
+    """The inverse-CDF draw alone: many rows of the same logits, the same chi-square test."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(V, generator=gen) * 2
     n = 200_000
     for params in (SamplingParams(1.0), SamplingParams(0.6, top_k=5), SamplingParams(1.7, top_p=0.7)):
-        race = exponential_race(n, V, gen, "cpu")
-        picks = choose_tokens(logits.expand(n, V), params, race)
+        picks = choose_tokens(logits.expand(n, V), params, sampling_noise(n, gen, "cpu"))
         p, _, _ = chi_square_gof(torch.bincount(picks, minlength=V), target_probs(logits, params).double())
         assert p >= ALPHA, params
     assert (choose_tokens(logits.expand(4, V), SamplingParams(0.0)) == logits.argmax()).all()
@@ -455,6 +454,34 @@ def test_warp_logits_matches_transformers(temperature, top_k, top_p):
     # any leading shape
     torch.testing.assert_close(warp_logits(logits.view(2, 8, 48), SamplingParams(temperature, top_k, top_p)),
                                ours.view(2, 8, 48))
+
+
+def test_top_p_among_candidates_equals_the_full_sort(monkeypatch):
+    """top_p_mask decides the nucleus among the largest logits when their mass reaches top_p (no sort of the
+    vocabulary: checked by making torch.sort fail), else sorts everything: the same tokens kept either way, for
+    peaked rows, flat rows, -inf entries (after top-k) and both forms of top_p."""
+    from fasteagle.sampling import top_p_mask
+
+    gen = torch.Generator().manual_seed(5)
+    V = 500
+    peaked = torch.randn(4, V, generator=gen)
+    peaked[:, :6] += torch.tensor([9.0, 8.0, 7.5, 7.0, 6.0, 5.0])
+    flat = torch.randn(3, V, generator=gen) * 0.1
+    holes = peaked.clone()
+    holes[:, 200:] = float("-inf")
+    real_sort = torch.sort
+    for logits in (peaked, holes):
+        for top_p in (0.5, 0.8, 0.9, torch.tensor(0.9)):  # the 6 leading tokens hold ~95% of the mass
+            full = top_p_mask(logits, top_p, candidates=V)
+            monkeypatch.setattr(torch, "sort", lambda *a, **k: pytest.fail("sorted the vocabulary"))
+            fast = top_p_mask(logits, top_p, candidates=16)
+            monkeypatch.setattr(torch, "sort", real_sort)
+            assert torch.equal(fast, full), top_p
+            assert 1 <= (fast > float("-inf")).sum(-1).min() and (fast > float("-inf")).sum(-1).max() < 16
+    # a nucleus wider than the candidates: the full sort decides, with the same result
+    for logits, top_p in ((flat, 0.3), (flat, 0.9), (peaked, 0.99)):
+        assert torch.equal(top_p_mask(logits, top_p, candidates=16), top_p_mask(logits, top_p, candidates=V))
+        assert (top_p_mask(logits, top_p, candidates=16) > float("-inf")).sum(-1).max() > 16
 
 
 def test_device_params_warp_exactly_like_sampling_params():
