@@ -16,11 +16,14 @@ GPU time is lent rarely and briefly, so this is what runs when it is. On a CUDA 
     random-weights  the component table (bench.random_weights) at the Llama-3-8B shape, bf16, compiled: AR step,
                     verify(N) for N = 1..64, one draft level with and without a draft vocabulary, at contexts 512 and
                     4,096 in an 8,192-slot cache; then the tree builds and whole rounds while time remains
+    quant           the AR step of the Llama-3-8B shape quantized to int8 and to int4 (weight-only, compiled),
+                    with the fraction of peak bandwidth over the bytes the quantized forward reads
     kernels         bench/kernels.py --quick: the kernel micro-benchmarks
 
 Reduced mode (automatic without CUDA, or --reduced; 2-3 minutes on 2 CPU cores, and what CI can run): the same
 pipeline on the CPU, scaled down. tests and kernels are skipped (they need CUDA), the latency steps answer one
-question with 16 new tokens, eagerly, and the component table is timed at the "tiny" shape.
+question with 16 new tokens, eagerly, and the component table and the quantized AR steps are timed at the "tiny"
+shape.
 
 Every step is a subprocess (`sys.executable -m ...`) with its own timeout: its share of --budget (default 360 s on
 CUDA, 200 s reduced) plus whatever the steps before it left unused. On a timeout the step gets SIGTERM, so
@@ -43,7 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "fasteagle-gpu-check/1"
-STEPS = ("tests", "model", "latency-auto", "latency-60", "random-weights", "kernels")
+STEPS = ("tests", "model", "latency-auto", "latency-60", "random-weights", "quant", "kernels")
 BUDGET = {"cuda": 360.0, "reduced": 200.0}  # seconds for the whole check (the sum of the steps' limits)
 GRACE_S = 15.0  # after SIGTERM, how long a step may take to write its partial results
 
@@ -131,9 +134,9 @@ def plan(a, mode: str, out: Path) -> list[Step]:
         # one thread: on a shared 2-core machine a second thread mostly waits for a time slice
         common += ["--device", "cpu", "--threads", "1", "--warmup", "0", "--limit", "1", "--max-new-tokens", "16"]
     latency = [
-        ("latency-auto", ["--methods", "ar,eagle2"], 100 if cuda else 60, "AR and EAGLE-2, automatic shape"),
+        ("latency-auto", ["--methods", "ar,eagle2"], 85 if cuda else 60, "AR and EAGLE-2, automatic shape"),
         ("latency-60", ["--methods", "eagle2", "--depth", "6", "--tree-top-k", "10", "--total-tokens", "60"],
-         60 if cuda else 45, "EAGLE-2 at 60 tokens, depth 6, tree top-k 10"),
+         50 if cuda else 40, "EAGLE-2 at 60 tokens, depth 6, tree top-k 10"),
     ]
     for name, extra, limit, what in latency:
         if not questions.is_file():
@@ -146,16 +149,24 @@ def plan(a, mode: str, out: Path) -> list[Step]:
         rw = ["--shape", "llama-3-8b", "--device", "cuda", "--dtype", "bfloat16", "--compile",
               "--context-lens", "512,4096", "--max-seq-len", "8192", "--verify-tokens", "1,4,8,16,32,64",
               "--out", str(out / "random-llama-3-8b.json")]
-        steps.append(Step("random-weights", py("-m", "bench.random_weights", *rw), 105,
+        steps.append(Step("random-weights", py("-m", "bench.random_weights", *rw), 90,
                           "the component table at the Llama-3-8B shape, bf16, compiled"))
+        q = ["--shape", "llama-3-8b", "--device", "cuda", "--dtype", "bfloat16", "--compile", "--context-lens", "512",
+             "--max-seq-len", "1024", "--phases", "ar", "--quantize", "int8,int4", "--out", str(out / "quant.json")]
+        steps.append(Step("quant", py("-m", "bench.random_weights", *q), 40,
+                          "the AR step at the Llama-3-8B shape: bf16, int8 and int4 weights, compiled"))
         steps.append(Step("kernels", py("bench/kernels.py", "--quick", "--out", str(out / "kernels.json")), 30,
                           "the kernel micro-benchmarks"))
     else:
         rw = ["--shape", "tiny", "--device", "cpu", "--threads", "1", "--context-lens", "64,512", "--max-seq-len",
               "1024", "--verify-tokens", "1,4,16", "--reps", "2", "--warmup", "1", "--draft-vocab", "64",
               "--out", str(out / "random-tiny.json")]
-        steps.append(Step("random-weights", py("-m", "bench.random_weights", *rw), 35,
+        steps.append(Step("random-weights", py("-m", "bench.random_weights", *rw), 25,
                           "the component table at the tiny shape"))
+        q = ["--shape", "tiny", "--device", "cpu", "--threads", "1", "--context-lens", "64", "--max-seq-len", "256",
+             "--phases", "ar", "--quantize", "int8,int4", "--reps", "2", "--warmup", "1", "--out", str(out / "quant.json")]
+        steps.append(Step("quant", py("-m", "bench.random_weights", *q), 15,
+                          "the AR step at the tiny shape: fp32, int8 and int4 weights"))
         steps.append(Step("kernels", None, 0, "no CUDA: the kernel micro-benchmarks time the Triton kernels on a GPU "
                                               "(tests/test_kernels.py checks them under the interpreter)"))
     return steps

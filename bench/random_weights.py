@@ -38,7 +38,7 @@ from fasteagle.errors import FastEagleError
 DRAFT_KS = "1,4,10"  # tree top-k values a draft level is timed at
 DRAFT_VOCAB = 16384  # default draft vocabulary size (capped at the shape's vocabulary)
 PHASES = ("ar", "verify", "draft", "rounds")  # --phases: rounds = the tree builds and whole rounds
-DEFAULTS = {"draft_vocab": None, "draft_k": DRAFT_KS, "phases": ",".join(PHASES), "argv": None}
+DEFAULTS = {"draft_vocab": None, "draft_k": DRAFT_KS, "phases": ",".join(PHASES), "quantize": None, "argv": None}
 OPTIONS = dict(DEFAULTS)  # this module's own flags, set by its entry point (see main)
 
 
@@ -125,7 +125,7 @@ class Table:
 # --- the phases ------------------------------------------------------------------------------------------------------
 
 
-def time_ar(target, a, lens, dparams, table, cost):
+def time_ar(target, a, lens, dparams, table, cost, op: str = "ar_step"):
     """ar_step: SpecEngine's own (compiled) decode phase."""
     from fasteagle.engine import SpecEngine
 
@@ -135,7 +135,23 @@ def time_ar(target, a, lens, dparams, table, cost):
         w = eng._window(L, False)
         t = time_calls(lambda: eng._decode_fn(dparams, None, w), cost.dev, cost.warm, a.reps,
                        lambda: eng.cache_len.fill_(L))  # each call starts from L
-        table.add("ar_step", L, 1, t, cost.target(L + 1, w), window=w)
+        table.add(op, L, 1, t, cost.target(L + 1, w), window=w)
+
+
+def time_quantized(margs, a, lens, dparams, table, modes, dtype, max_seq_len, backend):
+    """ar_step_int8 / ar_step_int4: the AR step of the target quantized to each mode (fasteagle.quant: random weights
+    quantized on the device, then run as generate --quantize runs them), its bandwidth fraction counted over the
+    bytes the quantized forward reads (int8 / packed int4 weights and their scales)."""
+    from fasteagle import quant
+
+    for mode in modes:
+        target, head = build_random(margs, a.device, dtype, max_seq_len, backend)
+        quant.quantize_model(target, mode)
+        quant.prepare_model(target.to(a.device, dtype))
+        time_ar(target, a, lens, dparams, table, Cost(a, target, head, backend), op=f"ar_step_{mode}")
+        del target, head
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def time_rounds(target, head, a, lens, dparams, table, cost):
@@ -308,6 +324,9 @@ def run_random(args) -> int:
     phases = [x.strip() for x in (getattr(args, "phases", None) or OPTIONS["phases"]).split(",") if x.strip()]
     if not phases or set(phases) - set(PHASES):
         raise FastEagleError(f"--phases: choose from {','.join(PHASES)}, got {','.join(phases) or 'nothing'}")
+    modes = [x.strip() for x in (getattr(args, "quantize", None) or OPTIONS["quantize"] or "").split(",") if x.strip()]
+    if set(modes) - {"int8", "int4"}:
+        raise FastEagleError(f"--quantize: choose from int8,int4, got {','.join(modes)}")
     draft_vocab = getattr(args, "draft_vocab", None)
     if draft_vocab is None:
         draft_vocab = OPTIONS["draft_vocab"]
@@ -344,6 +363,9 @@ def run_random(args) -> int:
             time_draft_levels(head, max_seq_len, lens, ks, draft_vocab, args, table, cost)
         if "rounds" in phases:
             time_rounds(target, head, args, lens, dparams, table, cost)
+        if modes:
+            del target, head  # room for the quantized copies
+            time_quantized(margs, args, lens, dparams, table, modes, dtype, max_seq_len, backend)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (a timeout): keep what was measured
         incomplete = e
         if not table.rows:
@@ -355,7 +377,7 @@ def run_random(args) -> int:
         res["command"] = shlex.join(["python", "-m", "bench.random_weights", *OPTIONS["argv"]])
     res["params"].update({"dtype": str(dtype).replace("torch.", ""), "attn_backend": backend,
                           "max_seq_len": max_seq_len, "context_lens": lens, "verify_tokens": widths,
-                          "draft_k": ks, "draft_vocab": draft_vocab, "phases": phases,
+                          "draft_k": ks, "draft_vocab": draft_vocab, "phases": phases, "quantize": modes,
                           "threads": torch.get_num_threads()})
     res["shape"] = name
     res["model"] = {"args": margs.to_dict(), "weight_bytes_per_forward": wb, "parameters": n_params}
@@ -404,11 +426,14 @@ def main(argv=None) -> int:
                                                    f"min({DRAFT_VOCAB}, vocab); 0: skip them)")
     p.add_argument("--draft-k", default=DRAFT_KS, help="tree top-k values K to time one draft level at")
     p.add_argument("--phases", default=DEFAULTS["phases"], help="which rows to time, from " + ",".join(PHASES))
+    p.add_argument("--quantize", help="also time the AR step of the target quantized to these modes (int8,int4), "
+                                      "after the other phases")
     own, rest = p.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         p.print_help()
         print("\nevery other flag is bench.latency's (--random-weights is implied):\n")
-    random_weights.OPTIONS.update(draft_vocab=own.draft_vocab, draft_k=own.draft_k, phases=own.phases, argv=argv)
+    random_weights.OPTIONS.update(draft_vocab=own.draft_vocab, draft_k=own.draft_k, phases=own.phases,
+                                  quantize=own.quantize, argv=argv)
     try:
         return latency.main(["--random-weights", *rest])
     finally:

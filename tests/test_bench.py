@@ -367,6 +367,20 @@ def test_random_weights_cache_size_phases_and_draft_vocab(tmp_path, capsys):
         (2048, 24, 32, 32, 8192, 130000.0) and a.tie_embeddings
 
 
+def test_random_weights_quantized_ar_steps(tmp_path):
+    """--quantize int8,int4: after the other phases, the AR step of the target quantized to each mode, its bandwidth
+    counted over the quantized bytes; a bad mode is one line."""
+    from bench import random_weights
+
+    base = ["--shape", "tiny", "--device", "cpu", "--threads", "1", "--context-lens", "16", "--max-seq-len", "128",
+            "--reps", "2", "--warmup", "1", "--phases", "ar", "--out", str(tmp_path / "q.json")]
+    assert random_weights.main([*base, "--quantize", "int8,int4"]) == 0
+    res = json.loads((tmp_path / "q.json").read_text())
+    assert [r["op"] for r in res["results"]] == ["ar_step", "ar_step_int8", "ar_step_int4"]
+    assert res["params"]["quantize"] == ["int8", "int4"] and all(r["median_ms"] > 0 for r in res["results"])
+    assert random_weights.main([*base, "--quantize", "int3"]) == 1
+
+
 def test_random_weights_interrupted_keeps_rows(tmp_path, monkeypatch):
     """Ctrl-C / SIGTERM (gpu_check's timeout) mid-run: the rows timed so far are written, marked incomplete."""
     from bench import random_weights

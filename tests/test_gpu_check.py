@@ -100,9 +100,13 @@ def test_plans(tmp_path):
     assert "--shape llama-3-8b" in rw and "--dtype bfloat16" in rw and "--compile" in rw
     assert "--context-lens 512,4096 --max-seq-len 8192 --verify-tokens 1,4,8,16,32,64" in rw
     assert cuda["kernels"].argv[1:] == ["bench/kernels.py", "--quick", "--out", str(tmp_path / "kernels.json")]
+    quant = " ".join(cuda["quant"].argv)
+    assert "--shape llama-3-8b" in quant and "--dtype bfloat16" in quant and "--quantize int8,int4" in quant
+    assert "--phases ar" in quant and "--compile" in quant
     reduced = {s.name: s for s in gpu_check.plan(a, "reduced", tmp_path)}
     assert sum(s.limit for s in reduced.values()) <= gpu_check.BUDGET["reduced"]
     assert reduced["tests"].argv is None and reduced["kernels"].argv is None
+    assert "--shape tiny" in " ".join(reduced["quant"].argv) and "--quantize" in reduced["quant"].argv
     assert "--limit 1" in " ".join(reduced["latency-auto"].argv) and "--compile" not in reduced["latency-auto"].argv
     # pass-through of a checkpoint: no model step; no questions file: the latency steps say why they are skipped
     a = gpu_check.parse_args(["--out", str(tmp_path), "--checkpoint", str(tmp_path), "--questions", str(q)])
