@@ -192,6 +192,8 @@ class Attention(FusedInput):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        dtype = self.kv_cache.k.dtype  # fp64 on a CPU-quantized target (Transformer.kv_dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         self.kv_cache.write(slots, k, v)
         if self.backend == "triton":
             from fasteagle.kernels.tree_attention import tree_attention
@@ -204,7 +206,7 @@ class Attention(FusedInput):
                 q, self.kv_cache.k[:, :, :S], self.kv_cache.v[:, :, :S], attn_mask=visible,
                 enable_gqa=self.n_heads != self.n_kv_heads,
             )
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
     def group(self):
         return [self.wq, self.wk, self.wv]
@@ -262,6 +264,7 @@ class Transformer(nn.Module):
         return (self.norm(x[0]), x[1]) if taps else self.norm(x)
 
     quantization = None  # {"mode", "group_size"} when the projections and LM head are quantized (fasteagle.quant)
+    kv_dtype = None  # the KV cache's and attention's dtype when not the weights' (fasteagle.quant.prepare_model)
     tp = None  # fasteagle.tp.TP when this is one rank's shard (tensor parallelism)
 
     def lm_head_weight(self) -> torch.Tensor:
@@ -299,8 +302,9 @@ def setup_static_cache(model: nn.Module, max_seq_len: int, batch: int = 1, attn_
         raise ValueError(f"unknown attention backend {attn_backend!r}")
     a = model.args
     p = next(model.layers.parameters())
+    dtype = getattr(model, "kv_dtype", None) or p.dtype
     for layer in model.layers:  # the layer's own KV heads (fewer than the model's under tensor parallelism)
-        layer.attn.kv_cache = KVCache((batch, layer.attn.n_kv_heads, max_seq_len, a.head_dim), p.dtype, p.device)
+        layer.attn.kv_cache = KVCache((batch, layer.attn.n_kv_heads, max_seq_len, a.head_dim), dtype, p.device)
         layer.attn.backend = attn_backend
     model.register_buffer("rope", rope_cache(a, max_seq_len).to(p.device), persistent=False)
     model.max_seq_len = max_seq_len
@@ -323,7 +327,8 @@ def run_layers(model: nn.Module, x, positions, cache_len, attn_mask, kv_len: int
     window = model.args.sliding_window or 0
     visible = None if model.attn_backend == "triton" else visible_keys(cache_len, attn_mask, S, positions, window)
     if visible is not None and x.device.type == "cpu":  # CPU SDPA runs faster on an additive mask (same result)
-        visible = torch.zeros(visible.shape, dtype=x.dtype).masked_fill_(~visible, float("-inf"))
+        dtype = getattr(model, "kv_dtype", None) or x.dtype
+        visible = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
     cos_sin = model.rope[positions]
     tapped = []
     for i, layer in enumerate(model.layers):

@@ -29,8 +29,14 @@ by themselves (in bf16, where design.md judges equality by margins). The CPU pat
 fbgemm takes one (scale, zero point) for a whole input, which would couple the rows; rowwise_int8_linear maps each
 row onto [0, 1] by its own min and span first and passes fixed qparams, so each row's integers, its exact int32
 sums and the elementwise epilogue depend on that row alone: bit for bit the same result in any batch
-(tests/test_quant.py checks it). Greedy output then equals the quantized model's own AR output, token for token,
-and sampling follows its distribution.
+(tests/test_quant.py checks it). That rounding also makes the rest of the forward matter: a tree row's attention
+reduces over its keys in another order than a one-token step's, fp32 gives the two a last-bit difference, an
+integer of the next projection moves, and over 30 layers SmolLM2's logits drift ~0.03 apart (measured: 9 of 40
+EAGLE-2 int8 answers left int8 AR's). So a CPU-quantized target keeps its KV cache and computes attention in fp64
+(Transformer.kv_dtype, set by prepare_model; ~1 ms on a 3-row SmolLM2 verify at 600 keys) and rounds the result to
+fp32: the row's keys, the same in both, give the same fp32 numbers unless an fp64 sum lands within its ~1e-16
+rounding difference of an fp32 rounding boundary (odds ~1e-8 per number; not seen in tests or bench). Greedy output then equals the quantized model's
+own AR output, token for token, and sampling follows its distribution.
 """
 import warnings
 
@@ -346,4 +352,8 @@ def prepare_model(model):
     for m in list(model.modules()):
         if isinstance(m, QuantLinear) and m not in grouped:
             m.prepare()
+    if any(getattr(m, "path", None) == "fbgemm" for m in model.modules()):
+        model.kv_dtype = torch.float64  # row-independent attention (module docstring)
+        if model.max_seq_len:  # a cache set up before: again, in that dtype
+            model.setup_cache(model.max_seq_len, attn_backend=model.attn_backend)
     return model
