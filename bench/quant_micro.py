@@ -4,8 +4,8 @@
 
 - Per layer (q/k/v stacked, o, gate/up stacked, down, LM head): one call of the layer as the eager CPU engine runs
   it: fp32 through linear.packed_linear (oneDNN-packed weights for several rows or 2+ threads, MKL otherwise), int8
-  through QuantLinear (rowwise_int8_linear: the row-independent fbgemm path, its overhead included; an int4
-  checkpoint runs the same path on a CPU), and torch's own CPU int4 kernel (_weight_int4pack_mm_for_cpu, group 64)
+  through QuantLinear (torch's _weight_int8pack_mm with bf16 activations, the casts included; an int4 checkpoint
+  runs the same path on a CPU), and torch's own CPU int4 kernel (_weight_int4pack_mm_for_cpu, group 64)
   for reference. Each timing cycles over enough copies of the weight to exceed the last-level cache, as a forward
   over 30 layers streams them from memory.
 - Whole model (the converted default model unless --no-model): one forward + LM head over `rows` new tokens after

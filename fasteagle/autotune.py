@@ -43,7 +43,7 @@ from fasteagle.verify import accept
 CALIBRATION = "calibration.json"
 VERIFY_GRID = (1, 2, 4, 8, 12, 16, 32, 64)
 DRAFT_GRID = (1, 2, 4, 8, 16)
-COSTS_VERSION = "5"  # bump when the engine's forwards change what the cached timings measured
+COSTS_VERSION = "6"  # bump when the engine's forwards change what the cached timings measured
 # shapes calibrated (and their trees timed) by default: chains, one-level fans and small trees (what a CPU can
 # afford) up to the reference's 60-token tree
 CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (4, 1, 5), (1, 2, 3), (1, 3, 4), (1, 4, 5), (1, 6, 7), (2, 2, 4),

@@ -13,33 +13,29 @@ GGUF's Q8_0 table beside Q4 layers); a tied embedding is not stored: it is the L
 table, as in the fp model). An untied embedding stays dense (each token reads one row of it).
 
 How each device runs them (QuantLinear.prepare, once, after the model is on its device):
-  CPU   int8 weights times per-token activations quantized to 14 bits (two 7-bit digits), through fbgemm's int8
-        GEMM (rowwise_int8_linear). An int4 checkpoint is requantized per channel to int8 at load: torch has no x86
-        int4 kernel faster than fp32 (measured on AVX2 at SmolLM2's shapes, one row: _weight_int4pack_mm_for_cpu
-        5-9x slower than fp32 and linear in the rows, dequantizing per call ~50x), so on a CPU int4 saves disk.
-  CUDA  weight-only: `_weight_int8pack_mm`, `_weight_int4pack_mm` (bf16 activations; the int4 weight packed once
-        by `_convert_weight_to_int4pack`). Shapes that kernel cannot take (out % 8, in % 32, before sm80) and other
-        devices multiply by the dequantized weight, made once.
-  torch.compile on CPU traces a multiplication by the dequantized weight (fbgemm's packed weights are opaque to
-  dynamo): correct, not fast.
+  int8  torch's weight-only `_weight_int8pack_mm`: the int8 weight times bf16 activations, fp32 sums, a bf16 result
+        (on a CPU the activations are rounded to bf16 for the call and the result widened back). A CPU runs an int4
+        checkpoint this way too, requantized per channel at load: torch has no x86 int4 kernel faster than fp32
+        (measured on AVX2 at SmolLM2's shapes, one row: _weight_int4pack_mm_for_cpu 5-9x slower than fp32 and
+        linear in the rows), so on a CPU int4 saves disk. The CPU kernel takes inputs in blocks of 16 (other widths
+        crash it); a projection of another width multiplies by its dequantized weight.
+  int4  CUDA (sm80+): `_weight_int4pack_mm` (bf16 activations; the weight packed once by
+        `_convert_weight_to_int4pack`). Shapes it cannot take (out % 8, in % 32) multiply by the dequantized weight.
+  Other devices multiply by the dequantized weight, made once. torch.compile traces the same ops.
 
 Lossless with respect to the quantized model: speculative decoding needs the verify forward over N tree tokens to
-compute, row for row, what N one-token steps compute. The weight-only GPU kernels compute each row's dot products
-by themselves (in bf16, where design.md judges equality by margins). The CPU path quantizes activations, and
-fbgemm takes one (scale, zero point) for a whole input, which would couple the rows; rowwise_int8_linear maps each
-row onto [0, 1] by its own min and span first and passes fixed qparams, so each row's integers, its exact int32
-sums and the elementwise epilogue depend on that row alone: bit for bit the same result in any batch
-(tests/test_quant.py checks it). That rounding also makes the rest of the forward matter: a tree row's attention
-reduces over its keys in another order than a one-token step's, fp32 gives the two a last-bit difference, an
-integer of the next projection moves, and over 30 layers SmolLM2's logits drift ~0.03 apart (measured: 9 of 40
-EAGLE-2 int8 answers left int8 AR's). So a CPU-quantized target keeps its KV cache and computes attention in fp64
-(Transformer.kv_dtype, set by prepare_model; ~1 ms on a 3-row SmolLM2 verify at 600 keys) and rounds the result to
-fp32: the row's keys, the same in both, give the same fp32 numbers unless an fp64 sum lands within its ~1e-16
-rounding difference of an fp32 rounding boundary (odds ~1e-8 per number; not seen in tests or bench). Greedy output then equals the quantized model's
-own AR output, token for token, and sampling follows its distribution.
+compute, row for row, what N one-token steps compute. The int8 kernel computes each row's sums by themselves, in
+the same order whatever the batch (tests/test_quant.py checks it bit for bit on the CPU). That is not enough on its
+own: the kernel rounds its input to bf16, so a last-bit difference in that input moves a rounding and grows. fp32
+attention makes one: a tree row reduces over its keys in another order than a one-token step, and over 30 layers
+SmolLM2's logits drifted ~0.03 apart (measured: 9 of 40 EAGLE-2 answers left the quantized model's own AR). So a
+quantized target on a CPU keeps its KV cache and computes attention in fp64 (Transformer.kv_dtype, set by
+prepare_model; ~1 ms more on a 3-row SmolLM2 verify at 600 keys) and rounds the result to fp32: a row's keys, the
+same in both, give the same fp32 numbers unless an fp64 sum lands within its ~1e-16 rounding difference of an fp32
+rounding boundary (odds ~1e-8 per number; not seen in tests or bench). Greedy output then equals the quantized
+model's own AR output, token for token, and sampling follows its distribution. On a GPU (bf16 throughout) equality
+is judged by margins, as for any bf16 model (design.md).
 """
-import warnings
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,10 +46,7 @@ from fasteagle.linear import FusedInput, Linear
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # what _weight_int4pack_mm takes (it also takes 256)
 DEFAULT_GROUP_SIZE = 32  # measured on SmolLM2: 32 keeps 87% top-1 agreement with fp32, 64 only 60%
-T_MAX = 64 * 127  # CPU activations: integers |t| <= T_MAX per row, passed to fbgemm as two digits in [-64, 64]
-TINY = torch.finfo(torch.float32).tiny
-# constant operands as tensors: a Python number costs a conversion per op (measurable at SmolLM2's small layers)
-_INV_T_MAX, _INV_128, _128 = torch.tensor(1 / T_MAX), torch.tensor(1 / 128), torch.tensor(128.0)
+CPU_BLOCK = 16  # the CPU int8 kernel reads inputs in blocks of 16
 
 
 # --- stored formats ----------------------------------------------------------------------------------------------
@@ -93,42 +86,6 @@ def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype=torc
 
 
 # --- kernels -----------------------------------------------------------------------------------------------------
-
-
-def can_run_fbgemm() -> bool:
-    return torch.backends.quantized.engine in ("x86", "fbgemm")
-
-
-def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
-    """fbgemm's prepacked copy of an int8 weight (its very integers and scales)."""
-    with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the ops remain fbgemm's path
-        warnings.simplefilter("ignore")
-        qt = torch._make_per_channel_quantized_tensor(q.cpu(), scale.double().cpu(),
-                                                      torch.zeros(q.shape[0], dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qt, None)
-
-
-def rowwise_int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
-    """x [M, in] fp32 @ the packed int8 weight^T, each row's activations quantized to 14 bits by its own max |x|:
-
-        x ~= step * t,  step = max |x| / T_MAX,  t = 128 h + l  (integers, h and l in [-64, 64])
-        W x ~= step * (128 W h + W l)
-
-    The 2M digit rows h and l go through fbgemm in one call with the qparams (1, 64), which keep them as they are
-    (stored as h + 64 and l + 64 in [0, 128]). 7-bit digits keep fbgemm's AVX2 kernel from saturating: it adds
-    u8 x s8 products pairwise in int16 (PyTorch's reduce_range on x86 exists for this), and 2 * 128 * 127 < 2^15.
-    A batch-1 step still streams the weights once: two rows cost what one does. (One 7-bit digit alone has ~50x
-    the KL divergence from the fp32 model on SmolLM2.) Every op here is elementwise with one rounding (the alpha=128
-    add's product is exact), fbgemm's integer sums are exact and its epilogue per element, so row i's result does
-    not depend on the other rows (see the module docstring). |t| <= T_MAX (|x| <= max |x|, rounding is monotone),
-    so |h|, |l| <= 64; a zero row has step TINY and t = 0."""
-    step = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).mul_(_INV_T_MAX).clamp_min_(TINY)
-    t = x.div(step).round_()
-    high = t.mul(_INV_128).round_()
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        torch.cat([high, t.sub_(high.mul(_128))]), 1.0, 64, packed)
-    y_high, y_low = y.view(2, x.shape[0], -1).unbind(0)
-    return y_low.add_(y_high, alpha=128).mul_(step)
 
 
 def int4_inner_k_tiles(in_features: int, out_features: int) -> int | None:
@@ -205,13 +162,13 @@ class QuantLinear(nn.Module):
         """Make the device's runtime copies (plain attributes, not saved): call after the module is on its device."""
         dev = self.weight_int8.device if self.mode == "int8" else self.weight_int4.device
         self.path, self.dense = "dequantize", None
-        per_channel = self.mode == "int8" and self.group_size is None
-        if dev.type == "cpu" and can_run_fbgemm():
-            q, scale = (self.weight_int8, self.weight_scale) if per_channel else quantize_int8(self.weight)
-            self.path, self.packed = "fbgemm", fbgemm_pack(q, scale)
-        elif dev.type == "cuda" and self.mode == "int8":  # grouped int8 (GGUF Q8_0): requantized per channel
+        if (self.mode == "int8" and dev.type == "cuda") or (
+                dev.type == "cpu" and self.in_features % CPU_BLOCK == 0):  # int8, or int4 requantized on a CPU
             self.path = "int8pack"
-            self.int8 = (self.weight_int8, self.weight_scale) if per_channel else quantize_int8(self.weight)
+            per_channel = self.mode == "int8" and self.group_size is None
+            q, scale = (self.weight_int8, self.weight_scale) if per_channel else quantize_int8(self.weight)
+            self.act_dtype = torch.bfloat16 if dev.type == "cpu" else self.weight_scale.dtype  # CUDA: the model's
+            self.int8 = (q.contiguous(), scale.to(self.act_dtype))
         elif dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0) and (
                 tiles := int4_inner_k_tiles(self.in_features, self.out_features)):
             self.path = "int4pack"
@@ -223,11 +180,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.path == "fbgemm" and not torch.compiler.is_compiling():
-            y = rowwise_int8_linear(x2, self.packed) if x.dtype == torch.float32 else \
-                rowwise_int8_linear(x2.float(), self.packed).to(x.dtype)
-        elif self.path == "int8pack":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), *self.int8)
+        if self.path == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.act_dtype).contiguous(), *self.int8).to(x.dtype)
         elif self.path == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.int4pack,
                                                    self.group_size, self.int4_scales_zeros).to(x.dtype)
@@ -352,7 +306,7 @@ def prepare_model(model):
     for m in list(model.modules()):
         if isinstance(m, QuantLinear) and m not in grouped:
             m.prepare()
-    if any(getattr(m, "path", None) == "fbgemm" for m in model.modules()):
+    if model.norm.weight.device.type == "cpu":
         model.kv_dtype = torch.float64  # row-independent attention (module docstring)
         if model.max_seq_len:  # a cache set up before: again, in that dtype
             model.setup_cache(model.max_seq_len, attn_backend=model.attn_backend)
