@@ -42,6 +42,7 @@ from bench.report import (TREES, ar_of, base_method, format_summary, lossless_re
                           summarize)
 from fasteagle.cli import add_device_flags, add_draft_int8_flag, interrupted, sigterm_as_interrupt, torch_dtype
 from fasteagle.errors import FastEagleError
+from fasteagle.questions import load_questions
 from fasteagle.tp import from_rank0
 
 DEFAULT_QUESTIONS = BENCH.parents[1] / "shared" / "data" / "mt_bench" / "question.jsonl"
@@ -109,34 +110,6 @@ def parse_args(argv=None):
     r.add_argument("--reps", type=int, default=20, help="timed calls per phase (the median is reported)")
     p.add_argument("--replot", type=Path, metavar="RESULT.json", help="only redraw the plot of a result file")
     return p.parse_args(argv)
-
-
-# --- questions ---------------------------------------------------------------------------------------------------
-
-
-def load_questions(path: Path, limit: int | None = None, turns: int | None = None) -> list[dict]:
-    """MT-bench / Spec-Bench .jsonl -> [{"question_id", "category", "turns": [str, ...]}]."""
-    if not path.is_file():
-        raise FastEagleError(f"{path}: questions file not found")
-    out, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-            qid, ts = q["question_id"], q["turns"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FastEagleError(f"{path}:{n}: not a question line (need question_id and turns): {e!r}") from None
-        if not isinstance(ts, list) or not ts or not all(isinstance(t, str) for t in ts):
-            raise FastEagleError(f"{path}:{n}: turns must be a non-empty list of strings")
-        if qid in seen:
-            raise FastEagleError(f"{path}:{n}: duplicate question_id {qid!r}")
-        seen.add(qid)
-        out.append({"question_id": qid, "category": str(q.get("category") or "uncategorized"),
-                    "turns": ts[:turns] if turns else ts})
-    if not out:
-        raise FastEagleError(f"{path}: no questions")
-    return out[:limit] if limit else out
 
 
 # --- running the methods -----------------------------------------------------------------------------------------

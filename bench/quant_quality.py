@@ -115,7 +115,7 @@ def run(args) -> int:
     from fasteagle.checkpoint import load_target
     from fasteagle.download import ensure_smollm2
     from fasteagle.tokenizer import load_tokenizer
-    from fasteagle.train.evaluate import load_questions
+    from fasteagle.questions import load_questions
 
     torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or ensure_smollm2()
@@ -123,7 +123,7 @@ def run(args) -> int:
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     tok = load_tokenizer(ckpt, cfg)
     eos = list(cfg.get("eos_token_ids") or [])
-    prompts = [tok.encode_chat([{"role": "user", "content": q["prompt"]}]) for q in load_questions(args.questions)]
+    prompts = [tok.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in load_questions(args.questions)]
     size = max(map(len, prompts)) + args.tokens + 1  # the greedy engines' cache (the fixed text resizes it later)
     models = {"fp32": load_target(ckpt, max_seq_len=size)[0]}
     for m in modes:

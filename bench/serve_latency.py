@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.env import RESULTS, device_info, git_commit, slug, versions, write_json_atomic
-from bench.latency import load_questions
+from fasteagle.questions import load_questions
 from fasteagle.errors import FastEagleError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

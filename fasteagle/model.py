@@ -127,6 +127,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """slots: [B, T], row b's new entries go to slots[b]; k, v: [B, Hkv, T, D]. index_put_, not scatter_:
         inductor writes it in place (a scatter_ clones the whole buffer and copies it back)."""
@@ -192,7 +196,7 @@ class Attention(FusedInput):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-        dtype = self.kv_cache.k.dtype  # fp64 on a CPU-quantized target (Transformer.kv_dtype)
+        dtype = self.kv_cache.dtype or q.dtype  # fp64 on a CPU-quantized target (Transformer.kv_dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         self.kv_cache.write(slots, k, v)
         if self.backend == "triton":

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 from bench import latency  # noqa: E402
 from bench.env import SCHEMA  # noqa: E402
 from bench.report import TREES, summarize  # noqa: E402
+from fasteagle.questions import load_questions  # noqa: E402
 from bench.shapes import PEAK_BANDWIDTH, kv_bytes_per_forward, peak_bandwidth, shape_args  # noqa: E402
 from conftest import write_tiny_model  # noqa: E402
 from fasteagle.draft import save_draft  # noqa: E402
@@ -275,7 +276,7 @@ def test_bad_input(model_dirs, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "turns": "not a list"}\n')
     with pytest.raises(FastEagleError, match="turns must be a non-empty list"):
-        latency.load_questions(bad)
+        load_questions(bad)
     assert latency.main(bench_argv(model_dirs, tmp_path / "x.json", "--methods", "ar,eagle9")) == 1
     assert latency.main(["--checkpoint", str(ckpt), "--questions", str(qfile), "--device", "cpu",
                          "--out", str(tmp_path / "y.json")]) == 1  # eagle methods without --draft

@@ -18,23 +18,7 @@ from tqdm import tqdm
 
 from fasteagle.engine import SpecEngine
 from fasteagle.errors import FastEagleError
-
-
-def load_questions(path, limit: int | None = None) -> list[dict]:
-    """MT-bench question.jsonl -> [{"question_id", "category", "prompt"}] (first turns)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FastEagleError(f"{path}: questions file not found")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-            out.append({"question_id": q["question_id"], "category": q.get("category", "?"), "prompt": q["turns"][0]})
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-            raise FastEagleError(f"{path}:{n}: not an MT-bench question ({e!r})") from None
-    return out[:limit] if limit is not None else out
+from fasteagle.questions import load_questions
 
 
 def cache_size(n_prompt: int, max_new_tokens: int, depth: int, total_tokens: int) -> int:
@@ -156,7 +140,7 @@ def evaluate_mt_bench(target, head, tokenizer, questions_path, out_path, *, max_
     part=(i, n): run only questions i, i+n, i+2n, ... into their own partial file and write no summary (several
     processes share a slow CPU run); a later call without part reuses every part's results."""
     out_path = Path(out_path)
-    qs = load_questions(questions_path, limit)
+    qs = load_questions(questions_path, limit, turns=1)
     # run categories round-robin, so an unfinished (resumable) run already covers every category evenly
     by_cat = defaultdict(list)
     for q in qs:
@@ -167,7 +151,7 @@ def evaluate_mt_bench(target, head, tokenizer, questions_path, out_path, *, max_
         if not 0 <= i < n:
             raise FastEagleError(f"--part {i}/{n}: need 0 <= i < n")
         qs = qs[i::n]
-    items = [{**q, "ids": tokenizer.encode_chat([{"role": "user", "content": q["prompt"]}])} for q in qs]
+    items = [{**q, "ids": tokenizer.encode_chat([{"role": "user", "content": q["turns"][0]}])} for q in qs]
     stem = out_path.name + ".partial"
     partial = out_path.with_name(f"{stem}-{part[0]}of{part[1]}.jsonl" if part else f"{stem}.jsonl")
     others = sorted(out_path.parent.glob(f"{stem}*.jsonl"))

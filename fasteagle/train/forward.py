@@ -15,6 +15,8 @@ class StepKeys(nn.Module):
     """Stands in for a layer's KVCache during training: `write` keeps the step's k, v [B, Hkv, T, D]; k and v are
     those of every step so far, concatenated along the key axis ([B, Hkv, steps * T, D])."""
 
+    dtype = None  # attention runs in the step's own dtype
+
     def __init__(self):
         super().__init__()
         self.ks, self.vs = [], []
