@@ -240,11 +240,14 @@ class Runner:
             longest = max(len(self.tok.encode_chat([{"role": "user", "content": "\n".join(q["turns"])}]))
                           + (len(q["turns"]) - 1) * (self.args.max_new_tokens + 16) for q in questions)
             limit = self.max_seq_len - self.headroom
+            reach = min(longest + self.args.max_new_tokens, limit)  # the longest context a timed turn reaches
             for m, eng in self.engines.items():
                 b = 16
                 while b <= min(longest * 2, limit):  # a prompt of exactly b tokens compiles bucket b
                     eng.generate([ids[0]] * b, 2, self.params, seed=0)
                     b *= 2
+                # every key window (decode step, each round shape) up to that context
+                eng.warmup(ids, max(1, reach - len(ids)), self.params)
 
     def run_question(self, q) -> dict:
         seed = (zlib.crc32(str(q["question_id"]).encode()) + self.args.seed) & 0x7FFFFFFF

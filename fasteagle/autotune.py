@@ -12,11 +12,12 @@ one head step over m queries with its top-k. A round emits tau(D, k, N) tokens o
 
     speedup(D, k, N) = tau(D, k, N) * ar / round(D, k, N)          (ar = one plain decode step)
 
-The costs are timed on the actual device, dtype and head (draft vocabulary included) and cached per machine and
-model shape in the user cache, so a run pays for them once. tau comes from the head's calibration: greedy runs of
-each candidate shape on held-out prompts (`python -m fasteagle.train calibrate`), stored with the head as
-calibration.json. Without calibration the chooser falls back to a default table measured for the bundled head.
-When no shape beats plain decoding, the choice is AR.
+The costs are timed on the actual device, dtype and head (draft vocabulary included), compiled when the engine
+will be (each timed phase is then its own compiled graph, as the engine's are: fewer widths, and tree() from its
+draft steps), and cached per machine and model shape in the user cache, so a run pays for them once. tau comes from
+the head's calibration: greedy runs of each candidate shape on held-out prompts (`python -m fasteagle.train
+calibrate`), stored with the head as calibration.json. Without calibration the chooser falls back to a default
+table measured for the bundled head. When no shape beats plain decoding, the choice is AR.
 
 While generating, `Adaptive` keeps a few of the best shapes (each its own fixed-shape graph) and switches between
 them per round: the recent acceptance relative to the calibration scales every shape's expected tau alike, so an
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from fasteagle.compiling import compile_phase
 from fasteagle.download import DEFAULT_HEAD
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
@@ -43,7 +45,11 @@ from fasteagle.verify import accept
 CALIBRATION = "calibration.json"
 VERIFY_GRID = (1, 2, 4, 8, 12, 16, 32, 64)
 DRAFT_GRID = (1, 2, 4, 8, 16)
-COSTS_VERSION = "6"  # bump when the engine's forwards change what the cached timings measured
+# compiled, every width is a graph to compile (~20 s each for SmolLM2 on 2 CPU cores): a coarser grid, the rest
+# interpolated (round_cost)
+VERIFY_GRID_COMPILED = (1, 2, 4, 8, 16, 32)
+DRAFT_GRID_COMPILED = (1, 2, 4, 8)
+COSTS_VERSION = "7"  # bump when the engine's forwards change what the cached timings measured
 # shapes calibrated (and their trees timed) by default: chains, one-level fans and small trees (what a CPU can
 # afford) up to the reference's 60-token tree
 CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (4, 1, 5), (1, 2, 3), (1, 3, 4), (1, 4, 5), (1, 6, 7), (2, 2, 4),
@@ -83,7 +89,9 @@ def _timeit(fns: dict, device, reps: int) -> dict:
 def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: bool = False,
                   draft_int8: bool = True) -> dict:
     """Seconds per AR step, verify(N) over VERIFY_GRID, draft(m) and extend(m) over DRAFT_GRID, at `context` cached
-    tokens. Uses cache slots [context, context + 64) as scratch: call it before generating."""
+    tokens; compiled: each through compile_phase, as the engine runs them, over the _COMPILED grids, without the
+    timed tree phases, and "probe": the eager AR step that probe_ar compares with later. Uses cache slots
+    [context, context + 64) as scratch: call it before generating."""
     dev = target.embed.weight.device
     if not compiled and dev.type == "cpu":  # as an eager SpecEngine runs them
         cpu_fast_paths(target, head, draft_int8)
@@ -94,22 +102,37 @@ def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: boo
         block = max(max(d - 1, 1) * k for d, k, _ in CANDIDATES)  # a candidate tree's draft slots past L
         head.setup_cache(target.max_seq_len + max(max(DRAFT_GRID), block), attn_backend=target.attn_backend)
     try:
-        return _measure(target, head, context, reps, dev)
+        if not compiled:
+            return _measure(target, head, context, reps, dev, lambda fn: fn, VERIFY_GRID, DRAFT_GRID)
+        # every width is a variant of the same few code objects: room for them under dynamo's per-object limit
+        with torch._dynamo.config.patch(recompile_limit=64):
+            costs = _measure(target, head, context, reps, dev, lambda fn: compile_phase(fn, dev),
+                             VERIFY_GRID_COMPILED, DRAFT_GRID_COMPILED, tree=False)
+        return {**costs, "probe": _ar_step(target, context, reps)}
     finally:
         if target.max_seq_len != size:
             target.setup_cache(size, attn_backend=target.attn_backend)
 
 
-def _measure(target, head, context, reps, dev):
+def _verify_fn(target, n, L):
+    """One target forward over n tokens at cached length L, with the LM head: verify(n); n = 1 is the AR step."""
+    dev = L.device
+    tok = torch.zeros(1, n, dtype=torch.long, device=dev)
+    pos = L[:, None] + torch.arange(n, device=dev)[None]
+    mask = causal_mask(n, dev)
+    return lambda: target.logits(target(tok, pos, L, mask)).argmax(-1)
+
+
+def _ar_step(target, context, reps) -> float:
+    L = torch.full((1,), context, dtype=torch.long, device=target.embed.weight.device)
+    return _timeit({1: _verify_fn(target, 1, L)}, L.device, reps)[1]
+
+
+def _measure(target, head, context, reps, dev, run_as, verify_grid, draft_grid, tree: bool = True):
+    """run_as(fn): how each phase runs (eager: as is; compiled: its own graph)."""
     L = torch.full((1,), context, dtype=torch.long, device=dev)
-
-    def verify(n):
-        tok = torch.zeros(1, n, dtype=torch.long, device=dev)
-        pos = L[:, None] + torch.arange(n, device=dev)[None]
-        return lambda: target.logits(target(tok, pos, L, causal_mask(n, dev))).argmax(-1)
-
     # the verify grid decides most: thrice the repetitions (a shared machine's noise moved it by ~10% at 3)
-    costs = {"verify": _timeit({n: verify(n) for n in VERIFY_GRID}, dev, 3 * reps)}
+    costs = {"verify": _timeit({n: run_as(_verify_fn(target, n, L)) for n in verify_grid}, dev, 3 * reps)}
     costs["ar"] = costs["verify"][1]
     if head is not None:
         feat = torch.zeros(1, 1, target.args.dim, dtype=target.embed.weight.dtype, device=dev)
@@ -121,15 +144,18 @@ def _measure(target, head, context, reps, dev):
             pos = L[:, None].expand(1, m)
             f = feat.expand(1, m, -1) if topk or not head.taps else feat.repeat(1, m, len(head.taps))
 
+            eye = torch.eye(m, dtype=torch.bool, device=dev)
+
             def run():
-                out = head(tok, f, pos, L, torch.eye(m, dtype=torch.bool, device=dev))
+                out = head(tok, f, pos, L, eye)
                 return head.topk(out[0], min(10, head.args.vocab_size)) if topk else out
             return run
 
-        costs["draft"] = _timeit({m: step(m, True) for m in DRAFT_GRID}, dev, reps)
-        costs["extend"] = _timeit({m: step(m, False) for m in DRAFT_GRID}, dev, reps)
-        costs["tree"] = _timeit({_key(Shape(*s)): tree_phase(target, head, Shape(*s), L, feat[0, 0])
-                                 for s in CANDIDATES}, dev, reps)
+        costs["draft"] = _timeit({m: run_as(step(m, True)) for m in draft_grid}, dev, reps)
+        costs["extend"] = _timeit({m: run_as(step(m, False)) for m in draft_grid}, dev, reps)
+        if tree:
+            costs["tree"] = _timeit({_key(Shape(*s)): tree_phase(target, head, Shape(*s), L, feat[0, 0])
+                                     for s in CANDIDATES}, dev, reps)
     return costs
 
 
@@ -197,7 +223,8 @@ STALE = 0.85  # a start-up AR step faster than this share of the cached one: the
 @torch.no_grad()
 def probe_ar(target, head, context: int = 256, reps: int = 5, compiled: bool = False, draft_int8: bool = True):
     """Seconds of one AR step at `context` cached tokens (the minimum over reps, after a warm-up), as measure_costs
-    times it: the start-up check of a cached cost table."""
+    times it: the start-up check of a cached cost table. Always eager (compiled, a table's "probe" is the eager
+    step timed with it), so the check compiles nothing."""
     dev = target.embed.weight.device
     if not compiled and dev.type == "cpu":
         cpu_fast_paths(target, head, draft_int8)
@@ -205,10 +232,7 @@ def probe_ar(target, head, context: int = 256, reps: int = 5, compiled: bool = F
     if size < context + 1:
         target.setup_cache(context + 1, attn_backend=target.attn_backend)
     try:
-        L = torch.full((1,), context, dtype=torch.long, device=dev)
-        tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        step = lambda: target.logits(target(tok, L[:, None], L, causal_mask(1, dev))).argmax(-1)  # noqa: E731
-        return _timeit({1: step}, dev, reps)[1]
+        return _ar_step(target, context, reps)
     finally:
         if target.max_seq_len != size:
             target.setup_cache(size, attn_backend=target.attn_backend)
@@ -246,7 +270,8 @@ def cached_costs(target, head, compiled: bool = False, cache_dir: Path | None = 
     tp = target.tp  # tensor parallelism: every rank times the same forwards together and takes rank 0's table
     cached = from_rank0(_read_costs(path), tp)
     if cached is not None and "ar" in cached and from_rank0(
-            probe_ar(target, head, compiled=compiled, draft_int8=draft_int8) >= STALE * cached["ar"], tp):
+            probe_ar(target, head, compiled=compiled, draft_int8=draft_int8)
+            >= STALE * cached.get("probe", cached["ar"]), tp):
         return cached
     costs = from_rank0(measure_costs(target, head, compiled=compiled, draft_int8=draft_int8), tp)
     if cached is not None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fasteagle.autotune import Shape
+from fasteagle.compiling import compile_phase
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.errors import FastEagleError
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
@@ -174,13 +175,10 @@ class SpecEngine:
         cfg = torch._dynamo.config
         cfg.recompile_limit += kinds * max(n_prefill, n_window, n_round)
         cfg.accumulated_recompile_limit += kinds * (n_prefill + n_window + n_round)
-        # reduce-overhead = inductor + CUDA graphs: one graph replay per round on GPU. fullgraph so that a graph
-        # break (which would split the round and add host syncs) fails loudly instead of silently slowing down.
-        mode = "reduce-overhead" if cuda else "default"
-        self._round_fn = torch.compile(self._round, mode=mode, fullgraph=True, dynamic=False)
-        self._decode_fn = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
+        self._round_fn = compile_phase(self._round, self.device)  # on GPU one CUDA-graph replay per round
+        self._decode_fn = compile_phase(self._decode, self.device)
         # prefill runs once per prompt at a bucketed length: one graph per bucket, no CUDA graph needed
-        self._prefill_fn = torch.compile(self._prefill, fullgraph=True, dynamic=False)
+        self._prefill_fn = compile_phase(self._prefill, self.device, cuda_graph=False)
 
     def _prefill(self, tokens, length, params: DeviceParams, noise):
         """tokens [1, Tb] (the prompt padded to a bucket), length [1] = the real prompt length T.

@@ -288,8 +288,11 @@ def test_cached_costs_are_rechecked_and_merged(tmp_path, monkeypatch):
 
     from fasteagle import autotune
 
+    from fasteagle.draft import cpu_fast_paths
+
     target = random_target(seed=1, vocab=64)
     head = random_head(target)
+    cpu_fast_paths(target, head)  # as cached_costs does first: it measures the kernel choice the key names
     path = tmp_path / "costs" / f"{autotune.costs_key(target, head, False)}.json"
     path.parent.mkdir()
 
@@ -306,3 +309,46 @@ def test_cached_costs_are_rechecked_and_merged(tmp_path, monkeypatch):
     merged = {"ar": 0.5, "verify": {1: 0.5, 2: 0.1}, "tree": {"1,1,2": 0.2}}
     assert autotune.cached_costs(target, head, cache_dir=tmp_path) == merged
     assert autotune._read_costs(path) == merged  # written back
+
+
+def test_compiled_costs_time_compiled_phases(tmp_path, monkeypatch):
+    """With --compile the chooser's costs are those of compiled phases (each timed width through compile_phase, as
+    the engine compiles its own), not of eager forwards; the table keeps the eager AR step as "probe", and the
+    start-up check compares an eager step with that, so it compiles nothing."""
+    from fasteagle import autotune
+
+    target = random_target(seed=1, vocab=64)
+    head = random_head(target)
+    wrapped = []
+
+    def counting(fn, device):
+        wrapped.append(fn)
+        return fn
+
+    monkeypatch.setattr(autotune, "compile_phase", counting)
+    costs = autotune.measure_costs(target, head, context=16, reps=1, compiled=True)
+    grid_v, grid_d = autotune.VERIFY_GRID_COMPILED, autotune.DRAFT_GRID_COMPILED
+    assert len(wrapped) == len(grid_v) + 2 * len(grid_d)  # verify widths, draft levels, extends
+    assert sorted(costs["verify"]) == list(grid_v) and sorted(costs["draft"]) == list(grid_d)
+    assert "tree" not in costs and costs["probe"] > 0 and costs["ar"] == costs["verify"][1]
+    wrapped.clear()
+    assert "tree" in autotune.measure_costs(target, head, context=16, reps=1) and not wrapped  # eager: as is
+
+    path = tmp_path / "costs" / f"{autotune.costs_key(target, head, True)}.json"
+    path.parent.mkdir()
+    table = {**costs, "ar": 1e9, "probe": 1e-9}  # judged by its eager probe (by "ar" it would look stale)
+    path.write_text(__import__("json").dumps(table))
+    monkeypatch.setattr(autotune, "measure_costs", lambda *a, **k: pytest.fail("a good table was measured again"))
+    assert autotune.cached_costs(target, head, compiled=True, cache_dir=tmp_path)["ar"] == 1e9
+    assert not wrapped
+
+
+def test_compiled_costs_compile(monkeypatch):
+    """The compiled timings really run compiled graphs: a tiny target + head through torch.compile."""
+    from fasteagle import autotune
+
+    monkeypatch.setattr(autotune, "VERIFY_GRID_COMPILED", (1, 2))
+    monkeypatch.setattr(autotune, "DRAFT_GRID_COMPILED", (1,))
+    target = random_target(seed=2, vocab=64)
+    costs = autotune.measure_costs(target, random_head(target), context=16, reps=1, compiled=True)
+    assert set(costs["verify"]) == {1, 2} and set(costs["extend"]) == {1} and costs["probe"] > 0
