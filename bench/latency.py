@@ -2,7 +2,7 @@
 each engine phase at real model sizes with random weights.
 
     python -m bench.latency --checkpoint DIR --draft DIR --questions question.jsonl \\
-        [--methods ar,eagle1,eagle2[,eagle3,hf]] [--draft3 DIR] [--max-new-tokens 1024] [--temperature 0] [--warmup 1] [--compile]
+        [--methods ar,eagle1,eagle2[,eagle3,hf,llamacpp]] [--draft3 DIR] [--max-new-tokens 1024] [--temperature 0] [--warmup 1] [--compile]
     python -m bench.latency --random-weights --shape llama-3-8b [--context-lens 512,2048] [--verify-tokens 1,16,60]
 
 Questions (MT-bench / Spec-Bench format: question_id, category, turns) run turn by turn, each method answering the
@@ -21,6 +21,8 @@ plot beside it. Each finished question is also appended to OUT.partial.jsonl: re
 settings) skips the questions already done, so a long run can be interrupted and resumed.
 
 `hf` is the optional baseline: Hugging Face transformers `generate` on the same weights (when installed).
+`llamacpp` is the optional CPU baseline: llama.cpp decoding a GGUF file (--gguf; default: the default model's own,
+which its checkpoint was converted from), greedy only (bench/llamacpp_baseline.py says how to install it).
 With --random-weights the acceptance is meaningless and is not reported; instead each phase is timed alone
 (AR step, verify forward of N tokens, draft tree build, a whole speculative round), and break_even_tau =
 round time / AR step time says how many tokens a round must emit to beat AR at that size.
@@ -40,7 +42,8 @@ import torch
 from bench.env import BENCH, default_out, device_info, header, sync, write_json_atomic
 from bench.report import (TREES, ar_of, base_method, format_summary, lossless_report, plot_questions, quant_of,
                           summarize)
-from fasteagle.cli import add_device_flags, add_draft_int8_flag, interrupted, sigterm_as_interrupt, torch_dtype
+from fasteagle.cli import (add_compile_flags, add_device_flags, add_draft_int8_flag, apply_compile_flags, interrupted,
+                           sigterm_as_interrupt, torch_dtype)
 from fasteagle.errors import FastEagleError
 from fasteagle.questions import load_questions
 from fasteagle.tp import from_rank0
@@ -48,7 +51,8 @@ from fasteagle.tp import from_rank0
 DEFAULT_QUESTIONS = BENCH.parents[1] / "shared" / "data" / "mt_bench" / "question.jsonl"
 from fasteagle.download import DEFAULT_HEAD, DEFAULT_HEAD3  # noqa: E402
 from fasteagle.engine import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS  # noqa: E402
-METHODS = ("ar", "eagle1", "eagle2", "eagle3", "hf")
+METHODS = ("ar", "eagle1", "eagle2", "eagle3", "hf", "llamacpp")
+EXTERNAL = ("hf", "llamacpp")  # baselines run by other programs: no engine, no quantization on load
 AUTO = ("eagle2", "eagle3")  # the dynamic-tree methods, whose shape is chosen automatically unless given
 QUANT = ("int8", "int4")  # a method on a target quantized on load: METHOD@int8, METHOD@int4 (fasteagle.quant)
 MISMATCH_EXIT = 3
@@ -64,6 +68,7 @@ def parse_args(argv=None):
                                               "head)")
     p.add_argument("--draft3", type=Path, help="EAGLE-3 draft head for eagle3 (default model: its bundled EAGLE-3 "
                                                "head, when there is one)")
+    p.add_argument("--gguf", type=Path, help="the GGUF file method llamacpp decodes (default model: its GGUF)")
     p.add_argument("--questions", type=Path, help=f"question .jsonl (default: {DEFAULT_QUESTIONS})")
     p.add_argument("--methods", default="ar,eagle1,eagle2",
                    help=f"comma-separated, from {', '.join(METHODS)}; METHOD@int8 / METHOD@int4 runs it on the "
@@ -79,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each question's seed derives from it)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed generations per method before timing (random weights: calls per phase)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the engine (CUDA graphs on GPU)")
+    add_compile_flags(p, "the engine")
     add_device_flags(p)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--max-seq-len", type=int,
@@ -165,12 +170,16 @@ class Runner:
         self.headroom = max(self.tree_sizes.values(), default=1) + depth + 8
         self.engines = {}
         if not self.fit:
-            self.engines = {m: self._engine(m) for m in methods if m != "hf"}
-        self.hf = None
+            self.engines = {m: self._engine(m) for m in methods if m not in EXTERNAL}
+        self.hf = self.llamacpp = None
         if "hf" in methods:
             from bench.hf_baseline import build_hf_model
 
             self.hf = build_hf_model(self.target)
+        if "llamacpp" in methods:
+            from bench.llamacpp_baseline import LlamaCpp
+
+            self.llamacpp = LlamaCpp(args.gguf, self.model_max, torch.get_num_threads())
 
     def _choose_shape(self, method) -> int:
         """A dynamic-tree method's automatic shape: the chooser's best few shapes, switched per round
@@ -218,6 +227,9 @@ class Runner:
             tokens, seconds = hf_generate(self.hf, ids, n_new, self.eos, self.params, seed)
             stop = "eos" if tokens and tokens[-1] in self.eos else "max_new_tokens"
             return tokens, seconds, [], stop, None
+        if method == "llamacpp":
+            tokens, seconds = self.llamacpp.generate(ids, n_new, self.eos)
+            return tokens, seconds, [], "eos" if tokens[-1] in self.eos else "max_new_tokens", None
         engine = self.engine(method, len(ids))
         sync(self.device)
         r = engine.generate(ids, n_new, self.params, seed=seed, eos_ids=self.eos)  # synchronises before timing ends
@@ -234,6 +246,8 @@ class Runner:
                     from bench.hf_baseline import hf_generate
 
                     hf_generate(self.hf, ids, n, self.eos, self.params, 0)
+                elif m == "llamacpp":
+                    self.llamacpp.generate(ids, n, self.eos)
                 else:
                     self.engine(m, len(ids)).generate(ids, n, self.params, seed=0, eos_ids=self.eos)
         if self.args.compile:
@@ -313,9 +327,10 @@ def choice_json(choice, policy) -> dict | None:
 
 
 def _identity(path) -> dict | None:
+    """A checkpoint directory's (its weights file's) or a file's path, size and modification time."""
     if path is None:
         return None
-    w = Path(path) / "model.safetensors"
+    w = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
     st = w.stat() if w.is_file() else None
     return {"path": str(Path(path).resolve()), "bytes": st.st_size if st else None,
             "mtime_ns": st.st_mtime_ns if st else None}
@@ -327,10 +342,12 @@ def settings_of(args, runner) -> dict:
             **({"draft3": _identity(args.draft3)} if args.draft3 else {}), "device": args.device,
             "device_name": device_info(args.device)["name"], "dtype": str(runner.dtype).replace("torch.", ""),
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "seed": args.seed, "compile": args.compile, "turns": args.turns, "stride": args.stride,
+            "top_p": args.top_p, "seed": args.seed, "compile": args.compile,
+            "cpp_wrapper": args.cpp_wrapper, "turns": args.turns, "stride": args.stride,
             "cache": "fit" if runner.fit else runner.max_seq_len, "depth": args.depth,
             "tree_top_k": args.tree_top_k, "total_tokens": args.total_tokens, "auto_shape": runner.auto,
-            "draft_temperature": args.draft_temperature, "threads": torch.get_num_threads()}
+            "draft_temperature": args.draft_temperature, "threads": torch.get_num_threads(),
+            **({"gguf": _identity(args.gguf), "llamacpp": runner.llamacpp.system_info} if args.gguf else {})}
 
 
 def draft_info(path) -> dict | None:
@@ -383,10 +400,10 @@ def run_questions(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if base_method(m) not in METHODS or m.count("@") > 1
-           or (quant_of(m) is not None and (quant_of(m) not in QUANT or m.startswith("hf@")))]
+           or (quant_of(m) is not None and (quant_of(m) not in QUANT or base_method(m) in EXTERNAL))]
     if bad or not methods:
-        raise FastEagleError(f"--methods: unknown {bad or methods} (choose from {', '.join(METHODS)}, each but hf "
-                             f"optionally @{' / @'.join(QUANT)})")
+        raise FastEagleError(f"--methods: unknown {bad or methods} (choose from {', '.join(METHODS)}, each but "
+                             f"{' and '.join(EXTERNAL)} optionally @{' / @'.join(QUANT)})")
     if len(set(methods)) != len(methods):
         raise FastEagleError("--methods lists a method twice")
     if args.max_new_tokens < 1:
@@ -409,6 +426,7 @@ def run_questions(args) -> int:
                              "bundled yet)")
     if "eagle3" not in bases:
         args.draft3 = None  # not used: kept out of the settings
+    check_llamacpp(args, methods)
     questions_path = args.questions or DEFAULT_QUESTIONS
     if args.stride < 1:
         raise FastEagleError("--stride must be >= 1")
@@ -533,14 +551,30 @@ def replot(path: Path) -> int:
 # --- entry point ---------------------------------------------------------------------------------------------------
 
 
+def check_llamacpp(args, methods):
+    """Method llamacpp: greedy, on the CPU, from a GGUF file (the default model's when none is given)."""
+    if "llamacpp" not in methods:
+        args.gguf = None  # not used: kept out of the settings
+        return
+    if args.device != "cpu" or args.temperature > 0:
+        raise FastEagleError("method llamacpp runs greedy (--temperature 0) on the CPU only")
+    if args.gguf is None:
+        from fasteagle.download import default_checkpoint, fetch_smollm2_gguf
+
+        if Path(args.checkpoint).resolve() != Path(default_checkpoint()).resolve():
+            raise FastEagleError("method llamacpp: pass --gguf, the GGUF file --checkpoint was converted from")
+        args.gguf = fetch_smollm2_gguf()
+
+
 def tensor_parallel(args, methods):
     """Under torchrun (WORLD_SIZE > 1): join the process group (fasteagle.tp); every rank runs every question, rank 0
     alone prints and writes the results."""
     from fasteagle.tp import from_env
 
     tp = from_env(args.device)
-    if tp is not None and "hf" in methods:
-        raise FastEagleError("the hf baseline does not run under tensor parallelism; leave it out of --methods")
+    if tp is not None and set(EXTERNAL) & set(methods):
+        raise FastEagleError("the hf and llamacpp baselines do not run under tensor parallelism; leave them out of "
+                             "--methods")
     if tp is not None and tp.rank != 0:
         args.no_progress = True
         sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -566,6 +600,7 @@ def _main(args) -> int:
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise FastEagleError("--device cuda: no CUDA device available")
+        apply_compile_flags(args)
         if args.compile:
             for knob in ("recompile_limit", "cache_size_limit"):  # one prefill graph per prompt-length bucket
                 if hasattr(torch._dynamo.config, knob):

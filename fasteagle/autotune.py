@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fasteagle.compiling import compile_phase
+from fasteagle.compiling import compile_phase, cpp_wrapper_on
 from fasteagle.download import DEFAULT_HEAD
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
@@ -196,7 +196,7 @@ def round_cost(costs: dict, s: Shape) -> float:
 
 def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
     """What the timings depend on: device, model and head shapes, dtype, the target's quantization, threads, compile
-    mode, torch version, the draft's int8 path."""
+    mode (and C++ wrapper), torch version, the draft's int8 path."""
     dev = target.embed.weight.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{os.cpu_count()}"
     parts = [COSTS_VERSION, name, torch.__version__, str(target.embed.weight.dtype), str(torch.get_num_threads()),
@@ -207,7 +207,9 @@ def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
     if target.tp is not None:
         parts.append(f"tp={target.tp.world}")
     if not compiled and dev.type == "cpu":
-        parts.append(f"packed_from={packed_min_rows()}")  # the measured kernel choice the timings ran with
+        parts.append(f"packed_from={packed_min_rows()}")
+    if compiled and cpp_wrapper_on():
+        parts.append("cpp_wrapper")  # the measured kernel choice the timings ran with
     if head is not None:
         parts += [json.dumps(head.args.to_dict(), sort_keys=True), str(None if head.vocab_ids is None else
                                                                        head.vocab_ids.shape[0]),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fasteagle.cli import add_device_flags, add_draft_int8_flag, torch_dtype
+from fasteagle.cli import add_compile_flags, add_device_flags, add_draft_int8_flag, apply_compile_flags, torch_dtype
 from fasteagle.download import DEFAULT_HEAD, DEFAULT_HEAD3
 from fasteagle.errors import FastEagleError
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="quantize the target's weights on load (int4: groups of 32; see python -m fasteagle.quantize, "
                         "whose checkpoints load quantized without this flag)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode phases (CUDA graphs on GPU)")
+    add_compile_flags(p)
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="CPU threads for torch (default: the cores this process may use, %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -196,13 +196,14 @@ def tensor_parallel(args):
 
 
 def check_machine_flags(args):
-    """--max-seq-len, --threads and --device, checked; sets torch's thread count."""
+    """--max-seq-len, --threads, --device and --cpp-wrapper, checked; sets torch's thread count."""
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise FastEagleError("--max-seq-len must be >= 1")
     if args.threads < 1:
         raise FastEagleError(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise FastEagleError("--device cuda: no CUDA device available")
+    apply_compile_flags(args)
     torch.set_num_threads(args.threads)
 
 

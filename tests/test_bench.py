@@ -271,6 +271,61 @@ def test_quantized_methods_side_by_side(model_dirs, tmp_path, capsys):
         assert "--methods: unknown" in capsys.readouterr().err
 
 
+def test_llamacpp_baseline_checks(model_dirs, tmp_path, capsys, monkeypatch):
+    """Method llamacpp: greedy, on the CPU, from a GGUF file, never quantized on load; without llama.cpp installed,
+    a one-line error naming the package."""
+    import bench.llamacpp_baseline as lcp
+
+    out = tmp_path / "x.json"
+    for extra, msg in ((["--methods", "ar,llamacpp@int8"], "--methods: unknown"),
+                       (["--methods", "ar,llamacpp", "--temperature", "0.7"], "greedy (--temperature 0)"),
+                       (["--methods", "ar,llamacpp"], "pass --gguf")):
+        capsys.readouterr()
+        assert latency.main(bench_argv(model_dirs, out, *extra)) == 1
+        assert msg in capsys.readouterr().err
+    monkeypatch.setattr(lcp, "_LIB", None)
+    monkeypatch.setattr(lcp, "shared_object", lambda: None)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert latency.main(bench_argv(model_dirs, out, "--methods", "ar,llamacpp", "--gguf", str(gguf))) == 1
+    assert f"pip install --no-deps {lcp.PACKAGE}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_llamacpp_decodes_the_default_gguf(smollm2_dir, smollm2_gguf):
+    """llama.cpp on the GGUF the default checkpoint was converted from computes what our AR computes on it, up to
+    its own rounding (its Q4_1 matmuls round activations to 8 bits): next-token logits correlated > 0.995 with
+    ours (measured 0.9989), log-probabilities of our 100 likeliest tokens within 0.75 (measured 0.41), the same five
+    likeliest tokens, and a timed greedy answer."""
+    from bench.llamacpp_baseline import LlamaCpp, shared_object
+    from fasteagle.checkpoint import load_target
+    from fasteagle.model import causal_mask
+    from fasteagle.tokenizer import load_tokenizer
+
+    if shared_object() is None:
+        pytest.skip("llama.cpp is an optional bench baseline: pip install --no-deps llama-cpp-cffi==0.3.1")
+    tok = load_tokenizer(smollm2_dir)
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    target, _ = load_target(smollm2_dir, max_seq_len=256)
+    with torch.no_grad():
+        hidden = target(torch.tensor([ids]), torch.arange(len(ids))[None], torch.zeros(1, dtype=torch.long),
+                        causal_mask(len(ids)))
+        ours = target.logits(hidden[0, -1])
+    model = LlamaCpp(smollm2_gguf, 256, 1)
+    try:
+        theirs = torch.from_numpy(model.next_logits(ids).copy())
+        model.reset()
+        tokens, seconds = model.generate(ids, 12, eos_ids=(2,))
+    finally:
+        model.close()
+    assert torch.corrcoef(torch.stack([theirs, ours]))[0, 1] > 0.995
+    top = ours.topk(100).indices
+    assert (theirs.log_softmax(-1) - ours.log_softmax(-1))[top].abs().max() < 0.75
+    assert set(theirs.topk(5).indices.tolist()) == set(ours.topk(5).indices.tolist())
+    assert tokens[0] == int(theirs.argmax()) and len(tokens) == 12 and seconds > 0
+
+
 def test_bad_input(model_dirs, tmp_path):
     ckpt, draft, qfile = model_dirs
     bad = tmp_path / "bad.jsonl"

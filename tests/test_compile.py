@@ -117,3 +117,34 @@ def test_compiled_equals_eager_other_families():
         assert (out.tokens, out.accept_lens) == (ref.tokens, ref.accept_lens), params
         lens.update(out.accept_lens)
     assert max(lens) > 1
+
+
+def test_cpp_wrapper_compiles_the_same_tokens(monkeypatch):
+    """--cpp-wrapper (inductor's C++ wrapper, CPU) changes how a compiled graph calls its kernels, not what they
+    compute: a compiled EAGLE-2 engine built with it gives eager's tokens. The flag needs --compile on the CPU, and
+    compiled cost tables timed with it are kept under their own key."""
+    import argparse
+
+    import torch
+
+    from fasteagle import autotune
+    from fasteagle.cli import apply_compile_flags
+    from fasteagle.errors import FastEagleError
+
+    for bad in (dict(compile=False, device="cpu"), dict(compile=True, device="cuda")):
+        with pytest.raises(FastEagleError, match="--cpp-wrapper needs --compile on the CPU"):
+            apply_compile_flags(argparse.Namespace(cpp_wrapper=True, **bad))
+    cfg = torch._inductor.config
+    for knob in ("cpp_wrapper", "cpp_wrapper_build_separate"):
+        monkeypatch.setattr(cfg, knob, False)  # restored after the test
+    target, head = predictable_pair(2.0, vocab=64, max_seq_len=80)  # a cache size no other test compiles
+    key = autotune.costs_key(target, head, compiled=True)
+    apply_compile_flags(argparse.Namespace(cpp_wrapper=True, compile=True, device="cpu"))
+    assert cfg.cpp_wrapper and cfg.cpp_wrapper_build_separate
+    assert autotune.costs_key(target, head, compiled=True) != key
+    graphs = unique_graphs()
+    prompt = list(range(5, 25))
+    ref = SpecEngine(target, head, **TREE).generate(prompt, 16)
+    out = SpecEngine(target, head, compile=True, **TREE).generate(prompt, 16)
+    assert (out.tokens, out.accept_lens) == (ref.tokens, ref.accept_lens) and max(out.accept_lens) > 1
+    assert unique_graphs() > graphs  # compiled here, with the wrapper on

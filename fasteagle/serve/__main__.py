@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from fasteagle.cli import add_device_flags
+from fasteagle.cli import add_compile_flags, add_device_flags
 from fasteagle.errors import FastEagleError
 from fasteagle.generate import (add_draft_flags, auto_shape, check_machine_flags, default_threads, load_engine,
                                 resolve_model, tree_width)
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, help=f"KV cache positions: prompt + reply (default: the model's "
                                                    f"context, at most {DEFAULT_CACHE})")
     add_device_flags(p)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode phases (CUDA graphs on GPU)")
+    add_compile_flags(p)
     p.add_argument("--threads", type=int, default=default_threads(), help="CPU threads for torch")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_draft_flags(p)
