@@ -500,7 +500,8 @@ def run_questions(args) -> int:
                           "tree_sizes": runner.tree_sizes, "checkpoint": str(args.checkpoint),
                           **{f"{m}_shape": choice_json(runner.choices[m], runner.policies[m]) for m in runner.choices},
                           "draft": str(args.draft) if args.draft else None,
-                          **({"draft3": str(args.draft3)} if args.draft3 else {})})
+                          **({"draft3": str(args.draft3)} if args.draft3 else {}),
+                          **({"llamacpp_build": runner.llamacpp.system_info} if runner.llamacpp else {})})
     res["settings_key"] = key
     res["model"] = {"name": model_name, "checkpoint": str(args.checkpoint), "draft": str(args.draft) if args.draft
                     else None, "args": runner.target.args.to_dict(), "weight_bytes_per_forward": ctx["weight_bytes"],
