@@ -36,7 +36,7 @@ from fasteagle.compiling import compile_phase, cpp_wrapper_on
 from fasteagle.download import DEFAULT_HEAD
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
-from fasteagle.linear import packed_min_rows
+from fasteagle.linear import is_skinny, packed_min_rows
 from fasteagle.model import causal_mask, kv_caches
 from fasteagle.tp import from_rank0
 from fasteagle.tree import build_dynamic_tree
@@ -207,7 +207,7 @@ def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
     if target.tp is not None:
         parts.append(f"tp={target.tp.world}")
     if not compiled and dev.type == "cpu":
-        parts.append(f"packed_from={packed_min_rows()}")
+        parts.append("skinny" if is_skinny(target.lm_head_packed) else f"packed_from={packed_min_rows()}")
     if compiled and cpp_wrapper_on():
         parts.append("cpp_wrapper")  # the measured kernel choice the timings ran with
     if head is not None:

@@ -1,6 +1,7 @@
-"""Linear layers with CPU fast paths: oneDNN-packed weights for few-row inputs, int8 copies through fbgemm, and
-FusedInput, which runs the projections that read one input (q/k/v, gate/up) as one call. Off CPU, or while
-compiling, every layer here is a plain nn.Linear."""
+"""Linear layers with CPU fast paths: few-row weights packed once (the skinny GEMM kernel's blocked copies, else
+oneDNN's), int8 copies through fbgemm, and FusedInput, which runs the projections that read one input (q/k/v,
+gate/up) as one call. Off CPU, or while compiling, every layer here is a plain nn.Linear."""
+import os
 import warnings
 
 import torch
@@ -13,9 +14,10 @@ class Linear(nn.Linear):
 
     - packed: at batch 1 a CPU step streams every weight from memory; MKL's GEMM for a few rows repacks each weight
       on every call and costs about twice its GEMV (measured on 2 AVX2 cores: 8 rows ~2.6x one row over SmolLM2's
-      weights). `pack_linears` gives each layer a oneDNN copy of its weight, packed once: multi-row inputs (tree
-      verification) then cost ~1.2x one row, and one row is ~10% faster too with 2 threads (packed_linear).
-      Doubles the weights' memory.
+      weights). `pack_linears` gives each layer a copy of its weight packed once (pack_weight): the skinny GEMM
+      kernel's blocked layout (fasteagle.kernels.skinny_gemm: up to 32 rows in one pass over the weight, 8 rows
+      ~1.25x one row, one row faster than MKL's sgemv), or where that kernel cannot be built, oneDNN's (8 rows
+      ~1.5x one row). Doubles the weights' memory.
     - qpacked: an int8 copy (quantize_linears), for the draft head only (quantize_weight)."""
 
     packed = None  # oneDNN-packed weight (plain attribute: not saved, not moved)
@@ -32,9 +34,31 @@ def can_pack(weight: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+# pack for the skinny GEMM kernel where it builds; FASTEAGLE_CPU_GEMM=onednn: oneDNN's packing only
+USE_SKINNY = os.environ.get("FASTEAGLE_CPU_GEMM", "skinny") != "onednn"
+
+
+def skinny_available() -> bool:
+    if not USE_SKINNY:
+        return False
+    from fasteagle.download import cache_dir
+    from fasteagle.kernels import skinny_gemm
+
+    return skinny_gemm.load(cache_dir())
+
+
 def pack_weight(weight: torch.Tensor, rows: int = 8) -> torch.Tensor:
-    """The oneDNN-packed copy of a [out, in] fp32 CPU weight, tuned for inputs of `rows` rows."""
+    """The packed copy of a [out, in] fp32 CPU weight: blocked for the skinny GEMM kernel (a 3-D tensor), or where
+    that is unavailable oneDNN's, tuned for inputs of `rows` rows."""
+    if skinny_available():
+        from fasteagle.kernels.skinny_gemm import block
+
+        return block(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def is_skinny(packed: torch.Tensor | None) -> bool:
+    return packed is not None and packed.dim() == 3
 
 
 def for_each_weight(model: nn.Module, can, on_group, on_single) -> bool:
@@ -77,19 +101,36 @@ def packed_min_rows() -> int:
 
 
 def use_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
-    """Whether an eager CPU linear on x takes its packed weight: for inputs of packed_min_rows() rows or more. Which
-    is faster for few rows depends on the CPU: on 2 AVX2 cores (AMD) oneDNN's packed GEMV beat MKL's sgemv with 2
-    threads and lost with 1; on 2 AVX-512 cores (Intel) MKL's sgemv is ~20% faster at one or two rows and the packed
-    GEMM faster from four. Never while compiling (inductor: the plain linear)."""
-    return (packed is not None and not torch.compiler.is_compiling()
-            and x.numel() // x.shape[-1] >= packed_min_rows())
+    """Whether an eager CPU linear on x takes its packed weight. Never while compiling (inductor: the plain linear).
+    Blocked (skinny kernel): for inputs of up to skinny_gemm.MAX_ROWS rows, one row included (a decode step and a
+    verify row then agree bit for bit); longer ones (prefill) take MKL. oneDNN: from packed_min_rows() rows on.
+    Which is faster for few rows there depends on the CPU: on 2 AVX2 cores (AMD) oneDNN's packed GEMV beat MKL's
+    sgemv with 2 threads and lost with 1; on 2 AVX-512 cores (Intel) MKL's sgemv is ~20% faster at one or two rows
+    and the packed GEMM faster from four."""
+    if packed is None or torch.compiler.is_compiling():
+        return False
+    rows = x.numel() // x.shape[-1]
+    if is_skinny(packed):
+        from fasteagle.kernels.skinny_gemm import MAX_ROWS
+
+        return rows <= MAX_ROWS
+    return rows >= packed_min_rows()
+
+
+def packed_only(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    """x @ weight.T + bias through the packed copy (see use_packed)."""
+    if is_skinny(packed):
+        from fasteagle.kernels.skinny_gemm import skinny_linear
+
+        return skinny_linear(x, packed, bias, out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through the packed copy when use_packed says so."""
     if use_packed(x, packed):
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return packed_only(x, packed, bias, weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -131,7 +172,7 @@ class FusedInput(nn.Module):
         elif self.group_qpacked is not None:
             y = quantized_linear(x, self.group_qpacked)
         elif use_packed(x, self.group_packed):
-            y = torch.ops.mkldnn._linear_pointwise(x, self.group_packed, self.group_bias, "none", [], "")
+            y = packed_only(x, self.group_packed, self.group_bias, sum(m.out_features for m in mods))
         else:
             return [m(x) for m in mods]
         return y.split([m.out_features for m in mods], dim=-1)
@@ -201,10 +242,10 @@ def measure_packed_rows(model: nn.Module, max_rows: int = 4, reps: int = 3) -> i
     for m in model.modules():
         if total >= STREAM_BYTES:
             break
-        if isinstance(m, FusedInput) and m.group_packed is not None:
+        if isinstance(m, FusedInput) and m.group_packed is not None and not is_skinny(m.group_packed):
             members = m.group()
             units.append((members[0].in_features, [(g.weight, g.bias) for g in members], m.group_packed, m.group_bias))
-        elif isinstance(m, Linear) and m.packed is not None:
+        elif isinstance(m, Linear) and m.packed is not None and not is_skinny(m.packed):
             units.append((m.in_features, [(m.weight, m.bias)], m.packed, m.bias))
         else:
             continue

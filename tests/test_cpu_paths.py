@@ -1,9 +1,10 @@
 """The target's and the head's CPU fast paths (linear.pack_linears, FusedInput, quantize_linears): the stacked q/k/v
-and gate/up weights compute what the separate projections compute, for one row and for tree-sized inputs, with
+and gate/up weights, packed for the skinny GEMM kernel or for oneDNN, compute what the separate projections compute, for one row and for tree-sized inputs, with
 and without a bias; the members then carry no packed copy of their own; int8 stacks and can be dropped again."""
 import pytest
 import torch
 
+from fasteagle import linear
 from fasteagle.linear import FusedInput, can_pack, can_quantize
 from fasteagle.model import Attention, FeedForward, causal_mask
 from tiny import random_head, random_target
@@ -22,9 +23,13 @@ def forward(model, T, threads):
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("packing", ["skinny", "onednn"])
 @pytest.mark.parametrize("qkv_bias", [False, True])
 @pytest.mark.parametrize("T,threads", [(1, 1), (1, 2), (3, 1), (7, 2)])
-def test_stacked_projections_compute_the_separate_ones(qkv_bias, T, threads):
+def test_stacked_projections_compute_the_separate_ones(qkv_bias, T, threads, packing, monkeypatch):
+    monkeypatch.setattr(linear, "USE_SKINNY", packing == "skinny")
+    if packing == "skinny" and not linear.skinny_available():
+        pytest.skip("the skinny GEMM kernel does not build here")
     plain = random_target(seed=3, qkv_bias=qkv_bias)
     fast = random_target(seed=3, qkv_bias=qkv_bias)
     assert fast.pack()
@@ -32,6 +37,7 @@ def test_stacked_projections_compute_the_separate_ones(qkv_bias, T, threads):
     assert {type(m) for m in groups} == {Attention, FeedForward}
     for m in groups:
         assert m.group_packed is not None and all(lin.packed is None for lin in m.group())
+        assert linear.is_skinny(m.group_packed) == (packing == "skinny")
     assert (fast.layers[0].attn.group_bias is not None) == qkv_bias
     torch.testing.assert_close(forward(fast, T, threads), forward(plain, T, threads), atol=1e-4, rtol=1e-4)
 
