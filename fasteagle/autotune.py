@@ -93,8 +93,8 @@ def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: boo
     timed tree phases, and "probe": the eager AR step that probe_ar compares with later. Uses cache slots
     [context, context + 64) as scratch: call it before generating."""
     dev = target.embed.weight.device
-    if not compiled and dev.type == "cpu":  # as an eager SpecEngine runs them
-        cpu_fast_paths(target, head, draft_int8)
+    if dev.type == "cpu":  # as a SpecEngine runs them
+        cpu_fast_paths(target, head, draft_int8, compiled=compiled)
     size = target.max_seq_len
     if size < context + max(VERIFY_GRID):  # a cache sized for a short generation: time with a big enough one
         target.setup_cache(context + max(VERIFY_GRID), attn_backend=target.attn_backend)
@@ -206,8 +206,10 @@ def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
         parts.append(json.dumps(target.quantization, sort_keys=True))
     if target.tp is not None:
         parts.append(f"tp={target.tp.world}")
-    if not compiled and dev.type == "cpu":
-        parts.append("skinny" if is_skinny(target.lm_head_packed) else f"packed_from={packed_min_rows()}")
+    if is_skinny(target.lm_head_packed):
+        parts.append("skinny")
+    elif not compiled and dev.type == "cpu":
+        parts.append(f"packed_from={packed_min_rows()}")
     if compiled and cpp_wrapper_on():
         parts.append("cpp_wrapper")  # the measured kernel choice the timings ran with
     if head is not None:
@@ -266,8 +268,8 @@ def cached_costs(target, head, compiled: bool = False, cache_dir: Path | None = 
     measured again and merged with the old one entry by entry (merge_costs)."""
     from fasteagle.download import cache_dir as user_cache
 
-    if not compiled and target.embed.weight.device.type == "cpu":  # the kernel choice (costs_key) is made here
-        cpu_fast_paths(target, head, draft_int8)
+    if target.embed.weight.device.type == "cpu":  # the kernel choice (costs_key) is made here
+        cpu_fast_paths(target, head, draft_int8, compiled=compiled)
     path = (cache_dir or user_cache()) / "costs" / f"{costs_key(target, head, compiled, draft_int8)}.json"
     tp = target.tp  # tensor parallelism: every rank times the same forwards together and takes rank 0's table
     cached = from_rank0(_read_costs(path), tp)

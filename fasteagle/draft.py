@@ -20,7 +20,8 @@ from fasteagle import eagle3
 from fasteagle.checkpoint import atomic_output_dir, load_weights, read_config, write_checkpoint
 from fasteagle.errors import FastEagleError
 from fasteagle.linear import (QUANTIZE_MIN_NUMEL, Linear, can_pack, can_quantize, dequantize_linears, pack_linears,
-                              pack_weight, packed_linear, quantize_linears, quantize_weight, quantized_linear)
+                              pack_weight, packed_linear, quantize_linears, quantize_weight, quantized_linear,
+                              skinny_available)
 from fasteagle.model import ModelArgs, TransformerBlock, run_layers, setup_static_cache
 
 
@@ -151,15 +152,18 @@ class DraftHead(nn.Module):
         return (logp, ids) if self.vocab_ids is None else (logp, self.vocab_ids[ids])
 
 
-def cpu_fast_paths(target, head=None, int8: bool = True) -> bool:
-    """Eager CPU forwards as the engine runs them: packed fp32 weights for multi-row inputs (linear.Linear) in the
-    target and the head, and the head's int8 copies when int8 (DraftHead.quantize). Returns whether the head runs
+def cpu_fast_paths(target, head=None, int8: bool = True, compiled: bool = False) -> bool:
+    """CPU forwards as the engine runs them: packed fp32 weights for few-row inputs (linear.Linear) in the target
+    and the head, and, eager, the head's int8 copies when int8 (DraftHead.quantize). Compiled graphs only take the
+    skinny kernel's packing (a custom op), so compiled, nothing is packed without it. Returns whether the head runs
     int8. No-op elsewhere (GPU, other dtypes)."""
+    if compiled and not skinny_available():
+        return False
     target.pack()
     if head is None:
         return False
     head.pack()
-    return head.quantize(int8)
+    return head.quantize(int8 and not compiled)
 
 
 def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32):

@@ -134,8 +134,8 @@ class SpecEngine:
                 draft_block = self.tree_size
             # the draft writes up to max(tree block, D+1) slots past L; give it that much headroom
             draft.setup_cache(self.max_seq_len + max(draft_block, self.depth + 1), attn_backend=target.attn_backend)
-        if self.device.type == "cpu" and not compile:  # packed fp32 weights (linear.Linear), the draft's int8 copies
-            cpu_fast_paths(target, draft, draft_int8)
+        if self.device.type == "cpu":  # packed fp32 weights (linear.Linear), eager: the draft's int8 copies
+            cpu_fast_paths(target, draft, draft_int8, compiled=compile)
         # Round-to-round state, updated in place by the phases so that captured graphs always read and write the
         # same addresses: L (committed cache length, shared by target and draft), the root (last emitted token,
         # not yet in the cache) and root_out (the draft's output at L - 1, its guess of the root's feature).

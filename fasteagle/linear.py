@@ -101,20 +101,21 @@ def packed_min_rows() -> int:
 
 
 def use_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
-    """Whether an eager CPU linear on x takes its packed weight. Never while compiling (inductor: the plain linear).
+    """Whether a CPU linear on x takes its packed weight.
     Blocked (skinny kernel): for inputs of up to skinny_gemm.MAX_ROWS rows, one row included (a decode step and a
-    verify row then agree bit for bit); longer ones (prefill) take MKL. oneDNN: from packed_min_rows() rows on.
+    verify row then agree bit for bit); longer ones (prefill) take MKL. Compiled graphs call it too (a custom op).
+    oneDNN: eager only (inductor: the plain linear), from packed_min_rows() rows on.
     Which is faster for few rows there depends on the CPU: on 2 AVX2 cores (AMD) oneDNN's packed GEMV beat MKL's
     sgemv with 2 threads and lost with 1; on 2 AVX-512 cores (Intel) MKL's sgemv is ~20% faster at one or two rows
     and the packed GEMM faster from four."""
-    if packed is None or torch.compiler.is_compiling():
+    if packed is None:
         return False
     rows = x.numel() // x.shape[-1]
     if is_skinny(packed):
         from fasteagle.kernels.skinny_gemm import MAX_ROWS
 
         return rows <= MAX_ROWS
-    return rows >= packed_min_rows()
+    return not torch.compiler.is_compiling() and rows >= packed_min_rows()
 
 
 def packed_only(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):

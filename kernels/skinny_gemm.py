@@ -14,8 +14,9 @@ are as fast, so callers keep those for prefill (MAX_ROWS).
 
 The C++ source is compiled once per machine by the system's C++ compiler against the installed torch
 (-O3 -march=native, OpenMP through torch's own thread pool: torch.set_num_threads applies), into
-$FASTEAGLE_CACHE/kernels (about 10 s), and loaded as torch.ops.fasteagle_cpu.skinny_linear. load() says whether it
-is available; without a compiler it warns once and callers keep their other paths.
+$FASTEAGLE_CACHE/kernels (about 10 s), and loaded as the custom op torch.ops.fasteagle_cpu.skinny_linear, which
+torch.compile graphs call as well (its output shape is registered for tracing). load() says whether it is available;
+without a compiler it warns once and callers keep their other paths.
 """
 import hashlib
 import os
@@ -97,7 +98,7 @@ def build(cache_dir: Path) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    print("fasteagle: compiling the CPU few-row GEMM kernel (once per machine, ~10 s)", file=sys.stderr)
+    print("[set-up: compiling the CPU few-row GEMM kernel, once per machine (~10 s)]", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -111,6 +112,10 @@ def build(cache_dir: Path) -> Path:
     return out
 
 
+def _fake(x, blocked, bias, out_features):  # the output's shape, for torch.compile's tracing
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 _loaded: dict[str, bool] = {}
 
 
@@ -120,6 +125,7 @@ def load(cache_dir: Path) -> bool:
     if "ok" not in _loaded:
         try:
             torch.ops.load_library(str(build(cache_dir)))
+            torch.library.register_fake("fasteagle_cpu::skinny_linear", _fake)
             _loaded["ok"] = True
         except (RuntimeError, OSError) as e:
             warnings.warn(f"fasteagle: the CPU few-row GEMM kernel is unavailable ({e}); using MKL / oneDNN")

@@ -2,7 +2,8 @@
 use: an AR and an EAGLE-2 engine in one process, ten prompt lengths over every prefill bucket, greedy and sampled
 runs with changing temperature / top-k / top-p, without reaching dynamo's recompile limit (fullgraph=True fails
 there); other prompt lengths in the same buckets and new sampling numbers reuse the compiled graphs. And compiled
-forwards write the KV cache in place: the generated code allocates no buffer the size of a layer's cache. An EAGLE-3
+forwards write the KV cache in place: the generated code allocates no buffer the size of a layer's cache, and call
+the CPU few-row GEMM kernel where it builds. An EAGLE-3
 head compiles into the same round and decodes exactly as in eager mode, and so do the other target families
 (Mixtral, Mistral's window, Qwen3)."""
 import math
@@ -13,6 +14,7 @@ from collections import Counter
 import pytest
 
 from fasteagle.engine import SpecEngine
+from fasteagle.linear import skinny_available
 from fasteagle.sampling import SamplingParams
 from tiny import predictable_pair
 
@@ -74,6 +76,8 @@ def test_compiled_forwards_copy_no_cache_buffer(speculative):
              for shape in re.findall(r"empty_strided_\w+\(\(([^()]*)\)", code)]
     cache_numel = target.args.n_kv_heads * 1024 * target.args.head_dim
     assert sizes and max(sizes) < cache_numel, sorted(sizes)[-4:]
+    if skinny_available():  # the few-row projections run the CPU GEMM kernel inside the graphs too
+        assert "fasteagle_cpu.skinny_linear" in code
 
 
 def test_compiled_eagle3_equals_eager():
