@@ -281,7 +281,8 @@ def test_client_disconnect_frees_the_engine(model_dirs, capsys, server, client, 
 
 def test_load_8_clients_25_requests_each(model_dirs, capsys, server):
     """200 requests from 8 concurrent clients against a queue of 4: each one is answered completely with its own
-    prompt's greedy answer, or refused with 429; none is lost or mixed up; memory settles."""
+    prompt's greedy answer, or refused with 429 (the client then waits 50 ms); none is lost or mixed up; memory
+    settles."""
     import psutil
 
     base, proc = server
@@ -302,6 +303,8 @@ def test_load_8_clients_25_requests_each(model_dirs, capsys, server):
             except openai.RateLimitError as e:
                 assert e.status_code == 429
                 outcome = "busy"
+                time.sleep(0.05)  # back off, as a client does on 429: how many get through otherwise depends on
+                # how fast 8 retrying threads spin against the server on a 2-core machine (36 of 200 seen, flaky)
             with lock:
                 counts[outcome] += 1
                 if sum(counts.values()) == 20:
