@@ -13,35 +13,44 @@ GGUF's Q8_0 table beside Q4 layers); a tied embedding is not stored: it is the L
 table, as in the fp model). An untied embedding stays dense (each token reads one row of it).
 
 How each device runs them (QuantLinear.prepare, once, after the model is on its device):
-  int8  torch's weight-only `_weight_int8pack_mm`: the int8 weight times bf16 activations, fp32 sums, a bf16 result
-        (on a CPU the activations are rounded to bf16 for the call and the result widened back). A CPU runs an int4
-        checkpoint this way too, requantized per channel at load: torch has no x86 int4 kernel faster than fp32
-        (measured on AVX2 at SmolLM2's shapes, one row: _weight_int4pack_mm_for_cpu 5-9x slower than fp32 and
-        linear in the rows), so on a CPU int4 saves disk. The CPU kernel takes inputs in blocks of 16 (other widths
-        crash it); a projection of another width multiplies by its dequantized weight.
+  CPU   the few-row GEMM kernel's int8 variant (fasteagle.kernels.skinny_gemm, path "skinny8"): the int8 weight
+        blocked once, widened to fp32 in registers, fp32 activations and sums, the per-channel scale applied to each
+        sum; any width, any number of rows (prefill included). An int4 checkpoint runs this way too, requantized
+        per channel at load, as does a GGUF's Q8_0 (grouped) table: on a CPU int4 saves disk, not time. Measured
+        over SmolLM2-135M's projections and LM head, 2 AVX-512 threads, ms per pass: 1 row 7.4 (fp32 kernel 22.6,
+        torch's _weight_int8pack_mm 12.4), 4 rows 8.9 (20.8, 16.4), 8 rows 14.8 (23.3, 34.4).
+        Where that kernel cannot be built (no C++ compiler), torch's weight-only `_weight_int8pack_mm` ("int8pack"):
+        the activations rounded to bf16 for the call, fp32 sums, a bf16 result widened back; it takes inputs in
+        blocks of 16 (other widths crash it), so a projection of another width multiplies by its dequantized weight.
+        torch has no x86 int4 kernel faster than fp32 (measured on AVX2 at SmolLM2's shapes, one row:
+        _weight_int4pack_mm_for_cpu 5-9x slower than fp32 and linear in the rows).
+  int8  CUDA: `_weight_int8pack_mm` (the model's bf16 activations).
   int4  CUDA (sm80+): `_weight_int4pack_mm` (bf16 activations; the weight packed once by
         `_convert_weight_to_int4pack`). Shapes it cannot take (out % 8, in % 32) multiply by the dequantized weight.
-  Other devices multiply by the dequantized weight, made once. torch.compile traces the same ops.
+  Other devices multiply by the dequantized weight, made once. torch.compile traces the same ops (the CPU kernel is
+  a custom op).
 
 Lossless with respect to the quantized model: speculative decoding needs the verify forward over N tree tokens to
-compute, row for row, what N one-token steps compute. The int8 kernel computes each row's sums by themselves, in
-the same order whatever the batch (tests/test_quant.py checks it bit for bit on the CPU). That is not enough on its
-own: the kernel rounds its input to bf16, so a last-bit difference in that input moves a rounding and grows. fp32
-attention makes one: a tree row reduces over its keys in another order than a one-token step, and over 30 layers
-SmolLM2's logits drifted ~0.03 apart (measured: 9 of 40 EAGLE-2 answers left the quantized model's own AR). So a
-quantized target on a CPU keeps its KV cache and computes attention in fp64 (Transformer.kv_dtype, set by
-prepare_model; ~1 ms more on a 3-row SmolLM2 verify at 600 keys) and rounds the result to fp32: a row's keys, the
-same in both, give the same fp32 numbers unless an fp64 sum lands within its ~1e-16 rounding difference of an fp32
-rounding boundary (odds ~1e-8 per number; not seen in tests or bench). Greedy output then equals the quantized
-model's own AR output, token for token, and sampling follows its distribution. On a GPU (bf16 throughout) equality
-is judged by margins, as for any bf16 model (design.md).
+compute, row for row, what N one-token steps compute. Both CPU kernels compute each row's sums by themselves, in
+the same order whatever the batch (tests/test_quant.py checks it bit for bit). With the skinny kernel that is the
+fp32 model's situation: only attention (a tree row reduces over its keys in another order than a one-token step)
+differs in last bits, and nothing amplifies it. torch's int8pack kernel rounds its input to bf16, so there a
+last-bit difference moves a rounding and grows: over 30 layers SmolLM2's logits drifted ~0.03 apart (measured: 9 of
+40 EAGLE-2 answers left the quantized model's own AR). So a quantized target on that path keeps its KV cache and
+computes attention in fp64 (Transformer.kv_dtype, set by prepare_model; ~1 ms more on a 3-row SmolLM2 verify at
+600 keys) and rounds the result to fp32: a row's keys, the same in both, give the same fp32 numbers unless an fp64
+sum lands within its ~1e-16 rounding difference of an fp32 rounding boundary (odds ~1e-8 per number; not seen in
+tests or bench). Greedy output then equals the quantized model's own AR output, token for token, and sampling
+follows its distribution. On a GPU (bf16 throughout) equality is judged by margins, as for any bf16 model
+(design.md).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fasteagle.errors import FastEagleError
-from fasteagle.linear import FusedInput, Linear
+from fasteagle.kernels.skinny_gemm import skinny_linear_int8
+from fasteagle.linear import FusedInput, Linear, skinny_available
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # what _weight_int4pack_mm takes (it also takes 256)
@@ -158,15 +167,26 @@ class QuantLinear(nn.Module):
             return (q * self.weight_scale[..., None]).view(self.out_features, self.in_features)
         return dequantize_int4(self.weight_int4, self.weight_scales_zeros, self.weight_scales_zeros.dtype)
 
+    def per_channel_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [out, in], scale [out]): the stored weight if it is per-channel int8, else requantized."""
+        if self.mode == "int8" and self.group_size is None:
+            return self.weight_int8, self.weight_scale
+        return quantize_int8(self.weight)
+
     def prepare(self):
         """Make the device's runtime copies (plain attributes, not saved): call after the module is on its device."""
         dev = self.weight_int8.device if self.mode == "int8" else self.weight_int4.device
         self.path, self.dense = "dequantize", None
-        if (self.mode == "int8" and dev.type == "cuda") or (
+        if dev.type == "cpu" and skinny_available():  # int8, or int4 requantized
+            from fasteagle.kernels.skinny_gemm import block
+
+            self.path = "skinny8"
+            q, scale = self.per_channel_int8()
+            self.int8 = (block(q), scale.float().contiguous())
+        elif (self.mode == "int8" and dev.type == "cuda") or (
                 dev.type == "cpu" and self.in_features % CPU_BLOCK == 0):  # int8, or int4 requantized on a CPU
             self.path = "int8pack"
-            per_channel = self.mode == "int8" and self.group_size is None
-            q, scale = (self.weight_int8, self.weight_scale) if per_channel else quantize_int8(self.weight)
+            q, scale = self.per_channel_int8()
             self.act_dtype = torch.bfloat16 if dev.type == "cpu" else self.weight_scale.dtype  # CUDA: the model's
             self.int8 = (q.contiguous(), scale.to(self.act_dtype))
         elif dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0) and (
@@ -180,6 +200,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if self.path == "skinny8":  # the bias added in the kernel
+            return skinny_linear_int8(x, *self.int8, self.bias, self.out_features)
         if self.path == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(self.act_dtype).contiguous(), *self.int8).to(x.dtype)
         elif self.path == "int4pack":
@@ -306,8 +328,10 @@ def prepare_model(model):
     for m in list(model.modules()):
         if isinstance(m, QuantLinear) and m not in grouped:
             m.prepare()
-    if model.norm.weight.device.type == "cpu":
-        model.kv_dtype = torch.float64  # row-independent attention (module docstring)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)] + [
+        m.group_linear for m in model.modules() if isinstance(m, FusedInput)]
+    if any(m.path == "int8pack" and m.int8[0].device.type == "cpu" for m in linears):
+        model.kv_dtype = torch.float64  # bf16-rounded activations: row-independent attention (module docstring)
         if model.max_seq_len:  # a cache set up before: again, in that dtype
             model.setup_cache(model.max_seq_len, attn_backend=model.attn_backend)
     return model

@@ -1,7 +1,9 @@
-"""A CPU GEMM for few-row fp32 inputs (decode steps, tree verification, draft levels), with its PyTorch reference.
+"""A CPU GEMM for few-row fp32 inputs (decode steps, tree verification, draft levels), with its PyTorch reference;
+fp32 or int8 weights.
 
     blocked = block(weight)                                # once: [out, in] -> [ceil(out/16), in, 16]
     y = skinny_linear(x, blocked, bias, weight.shape[0])   # = F.linear(x, weight, bias), x: [..., in], few rows
+    y = skinny_linear_int8(x, block(q), scale, bias, out)  # = F.linear(x, q * scale[:, None], bias), q int8
 
 At batch 1 a CPU step streams every weight from memory once, so a tree verification of m rows should cost about
 one decode step. MKL's sgemm for a few rows repacks each weight on every call, and oneDNN's prepacked GEMM still
@@ -12,10 +14,15 @@ Measured over all of SmolLM2-135M's projections and LM head (2 threads, ms per p
 4 rows 27.0 (oneDNN 40.4), 8 rows 29.8 (45.6), 16 rows 40.4 (53.4), 32 rows 62.7 (72.9); at 64 rows oneDNN and MKL
 are as fast, so callers keep those for prefill (MAX_ROWS).
 
+The int8 variant reads int8 weights blocked the same way (a quarter of the bytes), widens them to fp32 in
+registers and sums in the same order; the per-output-channel scale multiplies each sum once. Activations stay fp32
+(torch's _weight_int8pack_mm rounds them to bf16 on a CPU). It takes any number of rows: a quantized target's
+prefill goes through it too, so there is no dense copy of the weights.
+
 The C++ source is compiled once per machine by the system's C++ compiler against the installed torch
 (-O3 -march=native, OpenMP through torch's own thread pool: torch.set_num_threads applies), into
 $FASTEAGLE_CACHE/kernels (about 10 s), and loaded as the custom op torch.ops.fasteagle_cpu.skinny_linear, which
-torch.compile graphs call as well (its output shape is registered for tracing). load() says whether it is available;
+(and ..._int8), which torch.compile graphs call as well (its output shape is registered for tracing). load() says whether it is available;
 without a compiler it warns once and callers keep their other paths.
 """
 import hashlib
@@ -37,9 +44,10 @@ MAX_ROWS = 32  # inputs with more rows go to MKL / oneDNN (see the measurements 
 
 
 def block(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> [ceil(out / 16), in, 16] fp32: block g holds output columns 16g..16g+15 (zero-padded), each
-    input feature's 16 weights side by side."""
-    w = weight.detach().float()
+    """[out, in] -> [ceil(out / 16), in, 16], int8 kept, other dtypes as fp32: block g holds output columns
+    16g..16g+15 (zero-padded), each input feature's 16 weights side by side."""
+    w = weight.detach()
+    w = w if w.dtype == torch.int8 else w.float()
     pad = -w.shape[0] % BLOCK
     if pad:
         w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
@@ -50,9 +58,21 @@ def skinny_linear_reference(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+def skinny_linear_int8_reference(x, q, scale, bias=None):
+    y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return y if bias is None else y + bias
+
+
 def skinny_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, out_features: int):
     """F.linear(x, weight, bias) from block(weight); x fp32 on CPU. Needs load()."""
     return torch.ops.fasteagle_cpu.skinny_linear(x, blocked, bias, out_features)
+
+
+def skinny_linear_int8(x: torch.Tensor, blocked: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       out_features: int):
+    """F.linear(x, q * scale[:, None], bias) from block(q) (q int8 [out, in], scale fp32 [out]); x fp32 on CPU, any
+    number of rows. Needs load()."""
+    return torch.ops.fasteagle_cpu.skinny_linear_int8(x, blocked, scale, bias, out_features)
 
 
 def _compiler() -> str | None:
@@ -116,6 +136,10 @@ def _fake(x, blocked, bias, out_features):  # the output's shape, for torch.comp
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _fake_int8(x, blocked, scale, bias, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 _loaded: dict[str, bool] = {}
 
 
@@ -126,6 +150,7 @@ def load(cache_dir: Path) -> bool:
         try:
             torch.ops.load_library(str(build(cache_dir)))
             torch.library.register_fake("fasteagle_cpu::skinny_linear", _fake)
+            torch.library.register_fake("fasteagle_cpu::skinny_linear_int8", _fake_int8)
             _loaded["ok"] = True
         except (RuntimeError, OSError) as e:
             warnings.warn(f"fasteagle: the CPU few-row GEMM kernel is unavailable ({e}); using MKL / oneDNN")

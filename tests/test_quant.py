@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_tiny_model
-from fasteagle import quant
+from fasteagle import linear, quant
 from fasteagle.checkpoint import load_target
 from fasteagle.draft import load_draft
 from fasteagle.engine import SpecEngine
@@ -21,6 +21,13 @@ from test_spec_greedy import prompts
 from tiny import predictable_pair, random_target
 
 SETTINGS = [("int8", None), ("int4", 32)]
+CPU_PATHS = ["skinny8", "int8pack"]  # the few-row GEMM kernel's int8 variant; torch's kernel where it cannot build
+
+
+def use_cpu_path(path, monkeypatch):
+    monkeypatch.setattr(linear, "USE_SKINNY", path == "skinny8")
+    if path == "skinny8" and not linear.skinny_available():
+        pytest.skip("the skinny GEMM kernel does not build here")
 
 
 def quantized(model, mode, group_size):
@@ -53,35 +60,47 @@ def test_stored_formats():
     assert ((ref - w).abs() <= scales / 2 + 1e-5).all()
 
 
-def act_bound(x, w):
-    """The CPU kernel's error against x @ w.T: the activations, the per-channel scales and the result are each
-    rounded to bf16 (relative error <= 2^-9 each), the sums are fp32: |error[m, n]| <= 3 * 2^-9 * (|x| @ |w|.T)[m, n],
-    plus fp32 rounding."""
+def act_bound(x, w, path):
+    """The CPU kernels' error against x @ w.T.
+    skinny8: fp32 sums of K products of fp32 activations and exact int8 weights, times an fp32 scale:
+      ~K * 2^-24 * (|x| @ |w|.T), checked as 1e-6 * K * that.
+    int8pack: the activations, the per-channel scales and the result are each rounded to bf16 (relative error
+      <= 2^-9 each), the sums are fp32: |error[m, n]| <= 3 * 2^-9 * (|x| @ |w|.T)[m, n], plus fp32 rounding."""
+    if path == "skinny8":
+        return (x.abs() @ w.abs().T) * (1e-6 * x.shape[-1]) + 1e-6
     return (x.abs() @ w.abs().T) * (3 * 2 ** -9 * 1.01) + 1e-5
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("mode,group_size", SETTINGS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_against_the_dequantized_weights(mode, group_size, bias):
+def test_linear_against_the_dequantized_weights(mode, group_size, bias, path, monkeypatch):
+    use_cpu_path(path, monkeypatch)
     torch.manual_seed(1)
     w, b = torch.randn(40, 96), torch.randn(40) if bias else None
     lin = quant.QuantLinear.quantize(w, b, mode, group_size).prepare()
-    assert lin.path == "int8pack"
+    assert lin.path == path
     x = torch.randn(2, 5, 96) * 3 + 1
     ref = F.linear(x, lin.weight, b)
-    bound = act_bound(x.reshape(-1, 96), lin.weight).reshape(ref.shape)
+    bound = act_bound(x.reshape(-1, 96), lin.weight, path).reshape(ref.shape)
     if mode == "int4":  # on a CPU int4 runs through int8: its weights requantized per channel (half a step each)
         w8_step = lin.weight.abs().amax(1) / 127
         bound = bound + (x.abs().sum(-1, keepdim=True) * w8_step / 2) * 1.01
     assert ((lin(x) - ref).abs() <= bound).all()
-    lin.path = "dequantize"  # what other devices and torch.compile on CPU run
+    if path == "skinny8" and mode == "int8":  # negative control: the bound is tight enough to see int8pack's bf16 activations
+        x_bf16 = x.to(torch.bfloat16).float()
+        assert not ((F.linear(x_bf16, lin.weight, b) - ref).abs() <= bound).all()
+    lin.path = "dequantize"  # what other devices run
     torch.testing.assert_close(lin(x), ref)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_rows_are_independent_bit_for_bit(threads):
+def test_cpu_rows_are_independent_bit_for_bit(threads, path, monkeypatch):
+    use_cpu_path(path, monkeypatch)
     torch.manual_seed(2)
     lin = quant.QuantLinear.quantize(torch.randn(33, 48), torch.randn(33), "int8").prepare()
+    assert lin.path == path
     x = torch.randn(70, 48) * torch.logspace(-4, 4, 70)[:, None] + torch.randn(70, 1) * 10  # wildly different rows
     x[5], x[9], x[11, 3] = 0.0, 3.0, 1e4  # zero, constant, one outlier
     torch.set_num_threads(threads)
@@ -95,17 +114,23 @@ def test_cpu_rows_are_independent_bit_for_bit(threads):
         torch.set_num_threads(1)
 
 
-def test_compiled_cpu_forward_runs_the_same_kernel():
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_compiled_cpu_forward_runs_the_same_kernel(path, monkeypatch):
+    use_cpu_path(path, monkeypatch)
     torch.manual_seed(3)
     lin = quant.QuantLinear.quantize(torch.randn(24, 64), None, "int8").prepare()
     x = torch.randn(3, 64)
     assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))
 
 
-def test_widths_the_cpu_kernel_cannot_take_multiply_by_the_dequantized_weight():
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_widths_off_the_int8pack_block(path, monkeypatch):
+    """40 input features: the skinny kernel takes them; torch's CPU int8 kernel does not (blocks of 16), so there a
+    projection multiplies by its dequantized weight."""
+    use_cpu_path(path, monkeypatch)
     torch.manual_seed(6)
-    lin = quant.QuantLinear.quantize(torch.randn(24, 40), None, "int8").prepare()  # 40: not a block of 16
-    assert lin.path == "dequantize"
+    lin = quant.QuantLinear.quantize(torch.randn(24, 40), None, "int8").prepare()
+    assert lin.path == ("skinny8" if path == "skinny8" else "dequantize")
     x = torch.randn(3, 40)
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight))
 
@@ -203,13 +228,18 @@ def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
 # --- lossless with respect to the quantized model ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=SETTINGS, ids=[m for m, _ in SETTINGS])
+@pytest.fixture(scope="module", params=[(m, g, p) for m, g in SETTINGS for p in CPU_PATHS],
+                ids=[f"{m}-{p}" for m, _ in SETTINGS for p in CPU_PATHS])
 def quantized_pairs(request):
-    pairs = []
-    for alpha in (0.0, 1.0, 2.0):
-        target, head = predictable_pair(alpha, vocab=64)
-        quantized(target, *request.param)
-        pairs.append((target, head.bind(target)))  # the head drafts with the quantized model's embedding / LM head
+    mode, group_size, path = request.param
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_cpu_path(path, monkeypatch)
+        pairs = []
+        for alpha in (0.0, 1.0, 2.0):
+            target, head = predictable_pair(alpha, vocab=64)
+            quantized(target, mode, group_size)
+            assert target.output.path == path
+            pairs.append((target, head.bind(target)))  # the head drafts with the quantized model's embedding / LM head
     return pairs
 
 
@@ -245,12 +275,14 @@ def tree_rows_and_steps(model, prefix, chain, others):
 
 
 @pytest.mark.parametrize("mode,group_size", SETTINGS)
-def test_tree_rows_equal_one_token_steps_bit_for_bit(mode, group_size):
-    """The whole quantized forward is row-independent, attention included. The int8 kernel rounds its input to
-    bf16, so a last-bit difference from fp32 attention (a tree row reduces over its keys in another order than a
-    one-token step) can move a rounding and grow: on SmolLM2 int8 the logits of the two drift up to ~0.5 apart. In
-    fp64, rounded to fp32, the attention outputs are equal. Negative control: fp32 attention outputs differ (these
-    small models mostly absorb that by the last layer; SmolLM2 does not)."""
+def test_int8pack_tree_rows_equal_one_token_steps_bit_for_bit(mode, group_size, monkeypatch):
+    """Where torch's int8 kernel runs (no C++ compiler) the whole quantized forward is row-independent, attention
+    included. That kernel rounds its input to bf16, so a last-bit difference from fp32 attention (a tree row reduces
+    over its keys in another order than a one-token step) can move a rounding and grow: on SmolLM2 int8 the logits
+    of the two drifted up to ~0.5 apart. In fp64, rounded to fp32, the attention outputs are equal. Negative
+    control: fp32 attention outputs differ (these small models mostly absorb that by the last layer; SmolLM2 does
+    not)."""
+    use_cpu_path("int8pack", monkeypatch)
     for seed in range(3):
         model = quantized(random_target(seed, vocab=64, dim=64), mode, group_size)
         assert model.layers[0].attn.kv_cache.k.dtype == torch.float64  # prepare_model set the cache up again
@@ -261,6 +293,23 @@ def test_tree_rows_equal_one_token_steps_bit_for_bit(mode, group_size):
         model.setup_cache(model.max_seq_len)
         (_, attn), (_, attn1) = tree_rows_and_steps(model, prefix, [3, 5, 7], [11, 13, 17])
         assert not torch.equal(attn, attn1), seed
+
+
+def test_skinny8_keeps_fp32_attention_and_drifts_like_fp32(monkeypatch):
+    """With the skinny kernel's int8 variant (fp32 activations, row-exact sums) a quantized target is an fp32 model
+    whose weights happen to be int8 times a scale: fp32 KV cache and attention, and tree rows drift from one-token
+    steps only by fp32 attention's last bits, as in the fp32 model (nothing rounds them up to bf16)."""
+    use_cpu_path("skinny8", monkeypatch)
+    for seed in range(3):
+        fp = random_target(seed, vocab=64, dim=64)
+        model = quantized(random_target(seed, vocab=64, dim=64), "int8", None)
+        assert model.kv_dtype is None and model.layers[0].attn.kv_cache.k.dtype == torch.float32
+        prefix = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(seed)).tolist()
+        drift = {}
+        for name, m in (("fp32", fp), ("int8", model)):
+            (hidden, _), (hidden1, _) = tree_rows_and_steps(m, prefix, [3, 5, 7], [11, 13, 17])
+            drift[name] = ((hidden - hidden1).abs().max() / hidden.abs().max()).item()
+        assert drift["int8"] < 1e-5 and drift["int8"] < 20 * drift["fp32"] + 1e-6, (seed, drift)
 
 
 @pytest.mark.parametrize("depth,top_k,total", [(1, 1, 2), (3, 1, 64), (2, 2, 5), (4, 4, 20), (6, 8, 64)])

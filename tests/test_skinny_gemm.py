@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fasteagle.kernels import skinny_gemm
-from fasteagle.kernels.skinny_gemm import block, load, skinny_linear, skinny_linear_reference
+from fasteagle.kernels.skinny_gemm import (block, load, skinny_linear, skinny_linear_int8,
+                                           skinny_linear_int8_reference, skinny_linear_reference)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,6 +79,63 @@ def test_block_layout():
 def test_bad_blocked_weight_is_one_line_error():
     with pytest.raises(RuntimeError, match="bad blocked weight"):
         skinny_linear(torch.randn(2, 8), block(torch.randn(16, 8)), None, 40)
+
+
+# --- int8 weights ------------------------------------------------------------------------------------------------
+
+
+def int8_weight(N, K, g):
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    return q, torch.rand(N, generator=g) * 0.02 + 1e-3
+
+
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 33, 100])
+@pytest.mark.parametrize("K", [1, 7, 577])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_matches_reference(N, K, bias):
+    """Any number of rows (the int8 variant also runs a quantized target's prefill); the same bound as fp32 (the
+    int8 weights widen to fp32 exactly; the scale adds one rounding)."""
+    g = torch.Generator().manual_seed(N * 1000 + K + 7)
+    q, scale = int8_weight(N, K, g)
+    b = torch.randn(N, generator=g) if bias else None
+    for M in [1, 2, 3, 5, 8, 9, 17, 33, 70]:
+        x = torch.randn(M, K, generator=g)
+        y = skinny_linear_int8(x, block(q), scale, b, N)
+        ref = skinny_linear_int8_reference(x.double(), q, scale.double(), None if b is None else b.double())
+        w = q.double() * scale.double()[:, None]
+        bound = 1e-6 * K * (x.double().abs() @ w.abs().T) + 1e-6
+        assert y.dtype == torch.float32 and y.shape == ref.shape
+        assert ((y.double() - ref).abs() <= bound).all(), (M, (y.double() - ref).abs().max())
+
+
+@pytest.mark.parametrize("M", [2, 9, 40])
+def test_int8_rows_do_not_depend_on_each_other_or_on_threads(M):
+    g = torch.Generator().manual_seed(M)
+    q, scale = int8_weight(200, 576, g)
+    b, x = torch.randn(200, generator=g), torch.randn(M, 576, generator=g)
+    blocked = block(q)
+    assert blocked.dtype == torch.int8 and blocked.shape == (13, 576, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        many = skinny_linear_int8(x, blocked, scale, b, 200)
+        torch.set_num_threads(1)
+        one_thread = skinny_linear_int8(x, blocked, scale, b, 200)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(many, one_thread)
+    for m in range(M):
+        assert torch.equal(many[m], skinny_linear_int8(x[m:m + 1], blocked, scale, b, 200)[0]), m
+
+
+def test_int8_bad_inputs_are_one_line_errors():
+    q = torch.zeros(16, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="bad scale"):
+        skinny_linear_int8(torch.randn(2, 8), block(q), torch.ones(15), None, 16)
+    with pytest.raises(RuntimeError, match="int8 weights only"):
+        skinny_linear_int8(torch.randn(2, 8), block(q.float()), torch.ones(16), None, 16)
+    with pytest.raises(RuntimeError, match="fp32 inputs only"):
+        skinny_linear_int8(torch.randn(2, 8, dtype=torch.float64), block(q), torch.ones(16), None, 16)
 
 
 def test_build_is_cached_and_failure_leaves_nothing(tmp_path, monkeypatch):
