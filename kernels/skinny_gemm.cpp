@@ -59,10 +59,14 @@ static void block_rows(const float* x, int64_t K, const W* const* p, v16 (*acc)[
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < M; ++m) acc[j][m] = v16{};
   for (int64_t k = 0; k < K; ++k) {
+    v16 w[NB];  // the NB weight vectors loaded once, then each row's x broadcast once
     for (int j = 0; j < NB; ++j) {
       __builtin_prefetch(reinterpret_cast<const char*>(p[j] + k * 16) + PREFETCH_BYTES);
-      const v16 w = load16(p[j] + k * 16);
-      for (int m = 0; m < M; ++m) acc[j][m] += w * x[m * K + k];
+      w[j] = load16(p[j] + k * 16);
+    }
+    for (int m = 0; m < M; ++m) {
+      const float xm = x[m * K + k];
+      for (int j = 0; j < NB; ++j) acc[j][m] += w[j] * xm;
     }
   }
 }
