@@ -196,7 +196,7 @@ class Attention(FusedInput):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-        dtype = self.kv_cache.dtype or q.dtype  # fp64 on a CPU-quantized target (Transformer.kv_dtype)
+        dtype = self.kv_cache.dtype or q.dtype  # fp64: CPU-quantized, fallback kernel (Transformer.kv_dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         self.kv_cache.write(slots, k, v)
         if self.backend == "triton":

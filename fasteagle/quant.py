@@ -17,8 +17,8 @@ How each device runs them (QuantLinear.prepare, once, after the model is on its 
         blocked once, widened to fp32 in registers, fp32 activations and sums, the per-channel scale applied to each
         sum; any width, any number of rows (prefill included). An int4 checkpoint runs this way too, requantized
         per channel at load, as does a GGUF's Q8_0 (grouped) table: on a CPU int4 saves disk, not time. Measured
-        over SmolLM2-135M's projections and LM head, 2 AVX-512 threads, ms per pass: 1 row 7.4 (fp32 kernel 22.6,
-        torch's _weight_int8pack_mm 12.4), 4 rows 8.9 (20.8, 16.4), 8 rows 14.8 (23.3, 34.4).
+        over SmolLM2-135M's projections and LM head, 2 AVX-512 threads, ms per pass: 1 row 7.2 (fp32 kernel 20.3,
+        torch's _weight_int8pack_mm 13.9), 4 rows 8.3 (20.6, 16.5), 8 rows 12.2 (22.3, 31.1).
         Where that kernel cannot be built (no C++ compiler), torch's weight-only `_weight_int8pack_mm` ("int8pack"):
         the activations rounded to bf16 for the call, fp32 sums, a bf16 result widened back; it takes inputs in
         blocks of 16 (other widths crash it), so a projection of another width multiplies by its dequantized weight.

@@ -17,7 +17,10 @@ are as fast, so callers keep those for prefill (MAX_ROWS).
 The int8 variant reads int8 weights blocked the same way (a quarter of the bytes), widens them to fp32 in
 registers and sums in the same order; the per-output-channel scale multiplies each sum once. Activations stay fp32
 (torch's _weight_int8pack_mm rounds them to bf16 on a CPU). It takes any number of rows: a quantized target's
-prefill goes through it too, so there is no dense copy of the weights.
+prefill goes through it too, so there is no dense copy of the weights. Same passes, ms: 1 row 7.2, 4 rows 8.3,
+8 rows 12.2, 32 rows 41.3 (fp32 kernel: 20.3 / 20.6 / 22.3 / 48.7). Once the int8 weights fit in the last-level
+cache (SmolLM2's 135 MB do on a 260 MB L3) it is bound by arithmetic, not memory: widening each weight vector, one
+FMA per row.
 
 The C++ source is compiled once per machine by the system's C++ compiler against the installed torch
 (-O3 -march=native, OpenMP through torch's own thread pool: torch.set_num_threads applies), into
