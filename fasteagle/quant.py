@@ -19,7 +19,8 @@ How each device runs them (QuantLinear.prepare, once, after the model is on its 
         per channel at load, as does a GGUF's Q8_0 (grouped) table: on a CPU int4 saves disk, not time. Measured
         over SmolLM2-135M's projections and LM head, 2 AVX-512 threads, ms per pass: 1 row 7.2 (fp32 kernel 20.3,
         torch's _weight_int8pack_mm 13.9), 4 rows 8.3 (20.6, 16.5), 8 rows 12.2 (22.3, 31.1).
-        Where that kernel cannot be built (no C++ compiler), torch's weight-only `_weight_int8pack_mm` ("int8pack"):
+        Where that kernel cannot be built (no C++ compiler), or for a bf16 / fp16 model (the kernel takes fp32
+        activations), torch's weight-only `_weight_int8pack_mm` ("int8pack"):
         the activations rounded to bf16 for the call, fp32 sums, a bf16 result widened back; it takes inputs in
         blocks of 16 (other widths crash it), so a projection of another width multiplies by its dequantized weight.
         torch has no x86 int4 kernel faster than fp32 (measured on AVX2 at SmolLM2's shapes, one row:
@@ -177,7 +178,8 @@ class QuantLinear(nn.Module):
         """Make the device's runtime copies (plain attributes, not saved): call after the module is on its device."""
         dev = self.weight_int8.device if self.mode == "int8" else self.weight_int4.device
         self.path, self.dense = "dequantize", None
-        if dev.type == "cpu" and skinny_available():  # int8, or int4 requantized
+        float_dtype = (self.weight_scale if self.mode == "int8" else self.weight_scales_zeros).dtype
+        if dev.type == "cpu" and float_dtype == torch.float32 and skinny_available():  # int8, or int4 requantized
             from fasteagle.kernels.skinny_gemm import block
 
             self.path = "skinny8"

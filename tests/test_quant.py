@@ -135,6 +135,15 @@ def test_widths_off_the_int8pack_block(path, monkeypatch):
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight))
 
 
+def test_bf16_cpu_target_takes_torchs_kernel(monkeypatch):
+    """The skinny kernel takes fp32 activations: a bf16 model on a CPU runs int8pack (and its fp64 attention)."""
+    use_cpu_path("skinny8", monkeypatch)
+    model = quant.quantize_model(random_target(seed=7), "int8", None).to(torch.bfloat16)
+    quant.prepare_model(model)
+    assert model.output.path == "int8pack" and model.kv_dtype == torch.float64
+    assert len(SpecEngine(model).generate([1, 2, 3], 5).tokens) == 5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("mode,group_size,shape", [("int8", None, (96, 128)), ("int4", 64, (96, 128)),
                                                    ("int4", 32, (36, 96))])  # 36 rows: the fallback
