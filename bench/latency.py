@@ -160,6 +160,7 @@ class Runner:
         for m in (m for m in methods if base_method(m) == "eagle1"):
             self.tree_sizes[m] = StaticTreeShape.from_choices(MC_SIM_7B_63).size
         self.policies, self.choices = {}, {}  # per dynamic-tree method: its adaptive shapes and the chooser's table
+        self.draft_level = {}  # per dynamic-tree method: the measured cost of one draft level
         self.auto = args.auto_shape and any(base_method(m) in AUTO for m in methods)
         depth = args.depth
         for m in (m for m in methods if base_method(m) in AUTO):
@@ -186,9 +187,10 @@ class Runner:
         (fasteagle.autotune). Returns the deepest shape's depth."""
         from fasteagle.autotune import auto_policy
 
-        policy, choice, _ = auto_policy(self.target_of(method), self.heads[method], head_dir(self.args, method),
-                                        self.args.compile, draft_int8=self.args.draft_int8)
+        policy, choice, costs = auto_policy(self.target_of(method), self.heads[method], head_dir(self.args, method),
+                                            self.args.compile, draft_int8=self.args.draft_int8)
         self.policies[method], self.choices[method] = policy, choice
+        self.draft_level[method] = costs.get("draft") or {}  # seconds of one draft level by rows it expands
         print(f"[{method} shape: {describe_choice(choice)}]", file=sys.stderr)
         if policy is None:
             return 0
@@ -312,13 +314,14 @@ def describe_choice(choice) -> str:
     return f"{choice.shape}, predicted {choice.speedup:.2f}x AR"
 
 
-def choice_json(choice, policy) -> dict | None:
+def choice_json(choice, policy, draft_level: dict | None = None) -> dict | None:
     """The automatic shape in the results: the chooser's table and the shapes the run switched between."""
     if choice is None:
         return None
     row = lambda r: {"depth": r[0].depth, "top_k": r[0].top_k, "total_tokens": r[0].total_tokens, "tau": r[1],
                      "round_cost_ar_steps": round(r[2], 3), "predicted_speedup": round(r[3], 3)}
     return {"chosen": None if choice.shape is None else row(choice.table[0]),
+            "draft_level_ms": {str(m): round(1000 * t, 3) for m, t in (draft_level or {}).items()},
             "adaptive_set": [row(r) for s in policy.shapes for r in choice.table if r[0] == s] if policy else [],
             "table": [row(r) for r in choice.table]}
 
@@ -498,7 +501,8 @@ def run_questions(args) -> int:
     res["params"].update({"methods": methods, "dtype": settings["dtype"], "attn_backend": runner.backend,
                           "cache": "fit per turn" if runner.fit else runner.max_seq_len,
                           "tree_sizes": runner.tree_sizes, "checkpoint": str(args.checkpoint),
-                          **{f"{m}_shape": choice_json(runner.choices[m], runner.policies[m]) for m in runner.choices},
+                          **{f"{m}_shape": choice_json(runner.choices[m], runner.policies[m], runner.draft_level[m])
+                             for m in runner.choices},
                           "draft": str(args.draft) if args.draft else None,
                           **({"draft3": str(args.draft3)} if args.draft3 else {}),
                           **({"llamacpp_build": runner.llamacpp.system_info} if runner.llamacpp else {})})

@@ -235,6 +235,9 @@ def test_eagle3_method_side_by_side(model_dirs, eagle3_dir, tmp_path, capsys):
     assert set(res["summary"]["overall"]) >= {"ar", "eagle2", "eagle3"}
     assert res["params"]["draft3"] == str(eagle3_dir) and res["model"]["draft3_info"]["sha256"]
     assert {"eagle2_shape", "eagle3_shape"} <= set(res["params"])
+    for m in ("eagle2", "eagle3"):  # each head's measured draft-level cost, by rows expanded, sits beside its shape
+        level = res["params"][f"{m}_shape"]["draft_level_ms"]
+        assert level and all(float(ms) > 0 for ms in level.values()) and "1" in level
     # the wrong kind of head, or none, fails in one line
     ckpt, draft, qfile = model_dirs
     capsys.readouterr()

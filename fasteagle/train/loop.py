@@ -198,14 +198,16 @@ def eagle3_loss(head, batch, rope, lm_w, in_vocab, cfg: TrainConfig, noise: bool
     tokens, feats, target, labels, mask = batch
     outs = train_forward(head, tokens, _noisy(feats, cfg, noise), rope, cfg.ttt_steps)
     mask = mask & in_vocab[labels]
+    with torch.no_grad():  # the target's distribution at the scored positions, once for every step
+        p_all = torch.softmax(target[mask] @ lm_w.t(), -1)
+    col = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[mask]  # each scored position's column
     loss, ploss, n, correct = 0.0, None, 0, torch.zeros((), dtype=torch.long)
     for k, out in enumerate(outs, 1):
         m = mask.clone()
-        m[:, : k - 1] = False
+        m[:, : k - 1] = False  # step k has no output before column k - 1
         if not bool(m.any()):
             continue
-        with torch.no_grad():
-            p = torch.softmax(target[m] @ lm_w.t(), -1)
+        p = p_all[col >= k - 1]
         logits = head.logits(out[m])
         ploss_k = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
         loss = loss + 0.8 ** (k - 1) * ploss_k
