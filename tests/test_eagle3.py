@@ -3,6 +3,7 @@ config without rope_theta) converts; the converted head computes what an indepen
 reference's forward computes; the target hands it the residual streams entering the tapped layers; and EAGLE-3
 greedy decoding equals plain greedy decoding token for token over dynamic and static trees, with target choices
 outside the draft vocabulary, EOS and max_new_tokens inside an accepted path."""
+import copy
 import json
 import math
 from collections import Counter
@@ -259,3 +260,24 @@ def test_calibration_replays_eagle3_rounds(converted, shape):
         assert replayed[:-1] == ran.accept_lens[:-1] and replayed[-1] <= ran.accept_lens[-1]
         rounds += len(replayed)
     assert rounds < 3 * (n - 1)
+
+
+def test_int8_head_keeps_fc_fp32(converted):
+    """CPU int8 draft copies (the engine's default): every weight but fc's, whose input is the target's raw residual
+    streams (per-tensor int8 activations lose everything but a huge channel's value: SmolLM2 EAGLE-3 head tau 1.42
+    vs 2.19, too subtle for a tiny random head, hence the structural check); the int8 head stays close to fp32."""
+    head = copy.deepcopy(converted[1])
+    T, width = 6, head.fc.weight.shape[1]
+    torch.manual_seed(0)
+    feats = torch.randn(1, T, width)
+    feats[..., 3] *= 300.0  # a massive-activation channel
+    tokens = torch.randint(0, head.args.vocab_size, (1, T))
+    args = (tokens, feats, torch.arange(T)[None], torch.zeros(1, dtype=torch.long), causal_mask(T))
+    head.setup_cache(16)
+    ref = head(*args)
+    assert head.quantize(True, min_numel=0)
+    assert head.fc.qpacked is None and head.lm_head.qpacked is not None
+    head.setup_cache(16)
+    q = head(*args)
+    assert torch.allclose(q, ref, atol=0.1 * ref.abs().max().item()), (q - ref).abs().max()
+    head.quantize(False)
