@@ -143,7 +143,8 @@ class Eagle3Head(nn.Module):
         # per-tensor int8 activations no resolution for the rest (measured on the SmolLM2 EAGLE-3 head: replayed
         # MT-bench tau 1.42 with an int8 fc vs 2.19 fp32). Every other input of the head is normed.
         self.fc.qpacked = None
-        return True
+        return any(getattr(m, "qpacked", None) is not None or getattr(m, "group_qpacked", None) is not None
+                   for m in self.modules())
 
     def config(self) -> dict:
         """The checkpoint config entries that rebuild this head (draft.save_draft / load_draft)."""
