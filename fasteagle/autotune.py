@@ -49,7 +49,7 @@ DRAFT_GRID = (1, 2, 4, 8, 16)
 # interpolated (round_cost)
 VERIFY_GRID_COMPILED = (1, 2, 4, 8, 16, 32)
 DRAFT_GRID_COMPILED = (1, 2, 4, 8)
-COSTS_VERSION = "7"  # bump when the engine's forwards change what the cached timings measured
+COSTS_VERSION = "8"  # bump when the engine's forwards change what the cached timings measured (8: int8 heads keep fc fp32)
 # shapes calibrated (and their trees timed) by default: chains, one-level fans and small trees (what a CPU can
 # afford) up to the reference's 60-token tree
 CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (4, 1, 5), (1, 2, 3), (1, 3, 4), (1, 4, 5), (1, 6, 7), (2, 2, 4),

@@ -137,14 +137,10 @@ class Eagle3Head(nn.Module):
         if not on:
             dequantize_linears(self)
             return False
-        if not (can_quantize(self.fc.weight) and quantize_linears(self, min_numel)):
-            return False
         # fc stays fp32: it reads the target's raw residual streams, whose few huge channels leave the dynamic op's
         # per-tensor int8 activations no resolution for the rest (measured on the SmolLM2 EAGLE-3 head: replayed
         # MT-bench tau 1.42 with an int8 fc vs 2.19 fp32). Every other input of the head is normed.
-        self.fc.qpacked = None
-        return any(getattr(m, "qpacked", None) is not None or getattr(m, "group_qpacked", None) is not None
-                   for m in self.modules())
+        return can_quantize(self.fc.weight) and quantize_linears(self, min_numel, keep_fp32=(self.fc,))
 
     def config(self) -> dict:
         """The checkpoint config entries that rebuild this head (draft.save_draft / load_draft)."""

@@ -204,13 +204,14 @@ def quantized_linear(x: torch.Tensor, qpacked) -> torch.Tensor:
 QUANTIZE_MIN_NUMEL = 1 << 16
 
 
-def quantize_linears(model: nn.Module, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
+def quantize_linears(model: nn.Module, min_numel: int = QUANTIZE_MIN_NUMEL, keep_fp32=()) -> bool:
     """Give every `Linear` of model with at least min_numel weights an int8 copy (quantize_weight), used for all
     its inputs from then on; a FusedInput's group gets one stacked copy instead. Smaller weights stay fp32: the
     dynamic op's per-call quantization costs more than the bytes it saves there (measured: a 64 x 32 weight takes
-    44 us in int8 vs 8 us in fp32). Returns whether any weight was quantized. dequantize_linears undoes it."""
+    44 us in int8 vs 8 us in fp32). So do the Linears in keep_fp32: those whose input mixes scales that one
+    per-call activation scale cannot hold. Returns whether any weight was quantized. dequantize_linears undoes it."""
     def single(m):
-        if m.qpacked is None and m.weight.numel() >= min_numel:
+        if m.qpacked is None and m.weight.numel() >= min_numel and not any(m is k for k in keep_fp32):
             m.qpacked = quantize_weight(m.weight, m.bias)
 
     if not for_each_weight(model, can_quantize, lambda m: m.quantize_group(min_numel), single):

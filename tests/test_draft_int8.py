@@ -39,13 +39,40 @@ def test_int8_head_proposes_like_fp32_and_switches_back_exactly(pair):
     assert not head.quantize()  # a tiny head stays fp32 by default: int8 would cost more than it saves
     assert head.quantize(min_numel=0)
     out8, (logp8, ids8) = head_outputs(head, target)
-    assert not torch.equal(out8, out32)  # the int8 path really ran
+    assert not torch.equal(logp8, logp32)  # the int8 path really ran (the ranking; this head's layer adds nothing)
     torch.testing.assert_close(out8, out32, atol=0.05 * out32.abs().max().item(), rtol=0)
     assert (ids8[:, 0] == ids32[:, 0]).float().mean() >= 0.8
     assert not head.quantize(False)
     out, (logp, ids) = head_outputs(head, target)
     torch.testing.assert_close(out, out32, atol=1e-5, rtol=1e-5)  # packed fp32 vs plain: rounding only
     assert torch.equal(ids, ids32)
+
+
+def test_int8_head_keeps_the_token_beside_a_large_feature(pair):
+    """fc stays fp32: its input puts the token embedding (SmolLM2: RMS 0.12) beside the target's feature (channels
+    up to ~18), and int8 activations with one scale per call round the embedding half to ~0, so the head would no
+    longer see which token it drafts from (bundled SmolLM2 head, replayed MT-bench tau 2.08 vs 2.56)."""
+    target, head = pair
+    head.quantize(False)
+    torch.manual_seed(0)
+    feats = torch.randn(1, 8, target.args.dim)
+    feats[..., 5] = 18.0  # one large channel, as the real feature has
+    tokens_a, tokens_b = torch.randint(0, 64, (2, 1, 8))
+    scale = 0.12 / head.embed_weight.pow(2).mean().sqrt()  # the real model's embedding scale
+
+    def token_effect():
+        with torch.no_grad():
+            return head.layer_input(tokens_a, feats) - head.layer_input(tokens_b, feats)
+
+    embed = head.embed_weight.detach().clone()
+    try:
+        head.embed_weight.data.mul_(scale)
+        ref = token_effect()
+        assert head.quantize(min_numel=0) and head.fc.qpacked is None
+        torch.testing.assert_close(token_effect(), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    finally:
+        head.quantize(False)
+        head.embed_weight.data.copy_(embed)
 
 
 def test_int8_ranking_follows_the_draft_vocabulary(pair):
