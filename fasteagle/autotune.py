@@ -49,7 +49,7 @@ DRAFT_GRID = (1, 2, 4, 8, 16)
 # interpolated (round_cost)
 VERIFY_GRID_COMPILED = (1, 2, 4, 8, 16, 32)
 DRAFT_GRID_COMPILED = (1, 2, 4, 8)
-COSTS_VERSION = "8"  # bump when the engine's forwards change what the cached timings measured (8: int8 heads keep fc fp32)
+COSTS_VERSION = "9"  # bump when the engine's forwards change what the cached timings measured (9: compiled int8 heads)
 # shapes calibrated (and their trees timed) by default: chains, one-level fans and small trees (what a CPU can
 # afford) up to the reference's 60-token tree
 CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (4, 1, 5), (1, 2, 3), (1, 3, 4), (1, 4, 5), (1, 6, 7), (2, 2, 4),
@@ -215,7 +215,7 @@ def costs_key(target, head, compiled: bool, draft_int8: bool = True) -> str:
     if head is not None:
         parts += [json.dumps(head.args.to_dict(), sort_keys=True), str(None if head.vocab_ids is None else
                                                                        head.vocab_ids.shape[0]),
-                  f"int8={draft_int8 and not compiled and dev.type == 'cpu'}"]
+                  f"int8={draft_int8 and dev.type == 'cpu'}"]
         if head.arch != "eagle":  # an EAGLE-3 head drafts through wider q/k/v and its own LM head
             parts += [head.arch, str(head.taps)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]

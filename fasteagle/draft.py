@@ -19,9 +19,9 @@ import torch.nn as nn
 from fasteagle import eagle3
 from fasteagle.checkpoint import atomic_output_dir, load_weights, read_config, write_checkpoint
 from fasteagle.errors import FastEagleError
-from fasteagle.linear import (QUANTIZE_MIN_NUMEL, Linear, can_pack, can_quantize, dequantize_linears, pack_linears,
-                              pack_weight, packed_linear, quantize_linears, quantize_weight, quantized_linear,
-                              skinny_available)
+from fasteagle.linear import (QUANTIZE_MIN_NUMEL, Linear, can_pack, can_quantize, dequantize_linears, is_weight_only,
+                              pack_linears, pack_weight, packed_linear, quantize_linears, quantize_weight,
+                              quantized_linear, skinny_available, skinny_usable)
 from fasteagle.model import ModelArgs, TransformerBlock, run_layers, setup_static_cache
 
 
@@ -77,7 +77,7 @@ class DraftHead(nn.Module):
         if self.head_packed is not None:
             self.head_packed = pack_weight(w)
         if self.head_qpacked is not None:
-            self.head_qpacked = quantize_weight(w)
+            self.head_qpacked = quantize_weight(w, weight_only=is_weight_only(self.head_qpacked))
 
     head_packed = None  # the ranking weight (draft vocabulary rows or the LM head), packed (linear.Linear)
 
@@ -92,9 +92,10 @@ class DraftHead(nn.Module):
 
     head_qpacked = None  # the ranking weight as int8 (quantize)
 
-    def quantize(self, on: bool = True, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
-        """CPU: rank with, and run the layer and fc through, int8 copies of their weights (linear.quantize_weight):
-        each draft level then streams a quarter of the bytes. Lossless all the same: only the proposals change.
+    def quantize(self, on: bool = True, min_numel: int = QUANTIZE_MIN_NUMEL, weight_only: bool = False) -> bool:
+        """CPU: rank with, and run the layer through, int8 copies of their weights (linear.quantize_weight; eager:
+        fbgemm's dynamic op, weight_only: the skinny kernel's int8 variant, which compiled graphs call): each draft
+        level then streams a quarter of the bytes. Lossless all the same: only the proposals change.
         Weights under min_numel elements stay fp32 (linear.quantize_linears), and so does fc: its input puts the
         token embedding (SmolLM2: RMS 0.12) beside the target's feature (channels up to ~18), and the dynamic op's
         one activation scale per call (7 bits) rounds much of the embedding half to 0: the head partly loses the
@@ -107,11 +108,14 @@ class DraftHead(nn.Module):
             self.head_qpacked = None
             return False
         w = self.lm_head_weight if self.vocab_weight is None else self.vocab_weight
-        if not can_quantize(w):
+        if not (skinny_usable(w) if weight_only else can_quantize(w)):
             return False
+        if self.head_qpacked is not None and is_weight_only(self.head_qpacked) != weight_only:
+            self.head_qpacked = None  # the other kind: replaced
         if self.head_qpacked is None and w.numel() >= min_numel:
-            self.head_qpacked = quantize_weight(w)
-        return quantize_linears(self, min_numel, keep_fp32=(self.fc,)) or self.head_qpacked is not None
+            self.head_qpacked = quantize_weight(w, weight_only=weight_only)
+        return (quantize_linears(self, min_numel, keep_fp32=(self.fc,), weight_only=weight_only)
+                or self.head_qpacked is not None)
 
     def setup_cache(self, max_seq_len: int, attn_backend: str = "sdpa"):
         setup_static_cache(self, max_seq_len, 1, attn_backend)
@@ -159,16 +163,18 @@ class DraftHead(nn.Module):
 
 def cpu_fast_paths(target, head=None, int8: bool = True, compiled: bool = False) -> bool:
     """CPU forwards as the engine runs them: packed fp32 weights for few-row inputs (linear.Linear) in the target
-    and the head, and, eager, the head's int8 copies when int8 (DraftHead.quantize). Compiled graphs only take the
-    skinny kernel's packing (a custom op), so compiled, nothing is packed without it. Returns whether the head runs
-    int8. No-op elsewhere (GPU, other dtypes)."""
+    and the head, and the head's int8 copies when int8 (DraftHead.quantize): eager, fbgemm's (faster from 4 rows
+    on, its VNNI integer dot products); compiled, the skinny kernel's weight-only int8 (a custom op, which compiled
+    graphs call; fbgemm's op does not trace). Compiled graphs only take the skinny kernel's packing, so compiled,
+    nothing is packed or quantized without it. Returns whether the head runs int8. No-op elsewhere (GPU, other
+    dtypes)."""
     if compiled and not skinny_available():
         return False
     target.pack()
     if head is None:
         return False
     head.pack()
-    return head.quantize(int8 and not compiled)
+    return head.quantize(int8, weight_only=compiled)
 
 
 def load_draft(ckpt_dir, target, device="cpu", dtype=torch.float32):

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from fasteagle.errors import FastEagleError
 from fasteagle.linear import (QUANTIZE_MIN_NUMEL, Linear, can_pack, can_quantize, dequantize_linears, pack_linears,
-                              quantize_linears)
+                              quantize_linears, skinny_usable)
 from fasteagle.model import Attention, FeedForward, ModelArgs, RMSNorm, run_layers, setup_static_cache
 
 ARCH = "eagle3"
@@ -131,16 +131,18 @@ class Eagle3Head(nn.Module):
         """CPU: packed fp32 weights for multi-row inputs (linear.Linear), the LM head's included."""
         return can_pack(self.fc.weight) and pack_linears(self, rows)
 
-    def quantize(self, on: bool = True, min_numel: int = QUANTIZE_MIN_NUMEL) -> bool:
-        """CPU: int8 copies of the head's weights (linear.quantize_linears), the LM head's included; off: drop them.
-        Lossless all the same: only the proposals change."""
+    def quantize(self, on: bool = True, min_numel: int = QUANTIZE_MIN_NUMEL, weight_only: bool = False) -> bool:
+        """CPU: int8 copies of the head's weights (linear.quantize_linears; weight_only: the skinny kernel's kind,
+        which compiled graphs call), the LM head's included; off: drop them. Lossless all the same: only the
+        proposals change."""
         if not on:
             dequantize_linears(self)
             return False
         # fc stays fp32: it reads the target's raw residual streams, whose few huge channels leave the dynamic op's
         # per-tensor int8 activations no resolution for the rest (measured on the SmolLM2 EAGLE-3 head: replayed
         # MT-bench tau 1.42 with an int8 fc vs 2.19 fp32). Every other input of the head is normed.
-        return can_quantize(self.fc.weight) and quantize_linears(self, min_numel, keep_fp32=(self.fc,))
+        can = skinny_usable if weight_only else can_quantize
+        return can(self.fc.weight) and quantize_linears(self, min_numel, keep_fp32=(self.fc,), weight_only=weight_only)
 
     def config(self) -> dict:
         """The checkpoint config entries that rebuild this head (draft.save_draft / load_draft)."""

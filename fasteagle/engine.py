@@ -98,7 +98,7 @@ class SpecEngine:
                  draft_temperature: float = 1.0, compile: bool = False, policy=None, draft_int8: bool = True):
         """policy: an autotune.Adaptive choosing the tree shape (or AR) per round among its few fixed shapes;
         without it every round uses the one shape given by tree / depth / top_k / total_tokens.
-        draft_int8: on CPU (eager, fp32) the draft head runs through int8 copies of its weights
+        draft_int8: on CPU (fp32) the draft head runs through int8 copies of its weights, eager and compiled
         (draft.cpu_fast_paths)."""
         self.target, self.draft = target, draft
         self.device = target.embed.weight.device

@@ -21,7 +21,7 @@ class Linear(nn.Linear):
     - qpacked: an int8 copy (quantize_linears), for the draft head only (quantize_weight)."""
 
     packed = None  # oneDNN-packed weight (plain attribute: not saved, not moved)
-    qpacked = None  # int8 copy for torch's dynamic quantized linear (quantize_linears): used for every input
+    qpacked = None  # int8 copy (quantize_linears; fbgemm's or the skinny kernel's kind): used for every input
 
     def forward(self, x):
         if self.qpacked is not None:
@@ -160,10 +160,10 @@ class FusedInput(nn.Module):
             w, self.group_bias = self._stacked()
             self.group_packed = pack_weight(w, rows)
 
-    def quantize_group(self, min_numel: int):
+    def quantize_group(self, min_numel: int, weight_only: bool = False):
         w, bias = self._stacked()
         if self.group_qpacked is None and w.numel() >= min_numel:
-            self.group_qpacked = quantize_weight(w, bias)
+            self.group_qpacked = quantize_weight(w, bias, weight_only)
 
     def group_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[m(x) for m in group()], in one call when there is a stacked copy to take (int8 first)."""
@@ -184,11 +184,27 @@ def can_quantize(weight: torch.Tensor) -> bool:
             and torch.backends.quantized.engine in ("x86", "fbgemm"))
 
 
-def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """An int8 copy of a [out, in] fp32 CPU weight (one scale per output row), prepacked for torch's dynamic
-    quantized linear: activations are quantized per call, products accumulate in int32. A quarter of the fp32
-    weight's bytes, so a memory-bound CPU GEMV runs ~2-5x faster, at ~1-2% relative error: for the draft head
-    only, whose output just proposes tokens (verification by the fp32 target keeps generation lossless)."""
+def quantize_int8(w: torch.Tensor):
+    """[out, in] -> (q int8 [out, in], scale fp32 [out]), w ~= q * scale per output channel."""
+    w = w.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None = None, weight_only: bool = False):
+    """An int8 copy of a [out, in] fp32 CPU weight (one scale per output row), for the draft head only, whose
+    output just proposes tokens (verification by the fp32 target keeps generation lossless). A quarter of the fp32
+    weight's bytes, so a memory-bound CPU GEMV runs ~2-5x faster, at ~1-2% relative error. Two kinds:
+    - default: prepacked for torch's dynamic quantized linear (fbgemm): activations are quantized per call,
+      products accumulate in int32 (VNNI). Eager only: a compiled graph cannot trace the op.
+    - weight_only: (blocked q, scale, bias, out_features) for the skinny kernel's int8 variant
+      (kernels/skinny_gemm.py; needs skinny_available()): the weight is widened to fp32 in registers and the
+      activations stay fp32. A custom op, so compiled graphs call it too."""
+    if weight_only:
+        from fasteagle.kernels.skinny_gemm import block
+
+        q, scale = quantize_int8(weight)
+        return block(q), scale.contiguous(), None if bias is None else bias.detach(), weight.shape[0]
     w = weight.detach()
     scale = (w.abs().amax(1).double() / 127).clamp(min=1e-12)
     with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the op itself is the supported
@@ -198,26 +214,52 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None = None):
 
 
 def quantized_linear(x: torch.Tensor, qpacked) -> torch.Tensor:
+    if is_weight_only(qpacked):
+        from fasteagle.kernels.skinny_gemm import skinny_linear_int8
+
+        return skinny_linear_int8(x, *qpacked)
     return torch.ops.quantized.linear_dynamic(x, qpacked, True)
+
+
+def is_weight_only(qpacked) -> bool:
+    """Whether an int8 copy from quantize_weight is the weight-only kind (a tuple; fbgemm's is a packed object)."""
+    return isinstance(qpacked, tuple)
 
 
 QUANTIZE_MIN_NUMEL = 1 << 16
 
 
-def quantize_linears(model: nn.Module, min_numel: int = QUANTIZE_MIN_NUMEL, keep_fp32=()) -> bool:
-    """Give every `Linear` of model with at least min_numel weights an int8 copy (quantize_weight), used for all
-    its inputs from then on; a FusedInput's group gets one stacked copy instead. Smaller weights stay fp32: the
-    dynamic op's per-call quantization costs more than the bytes it saves there (measured: a 64 x 32 weight takes
-    44 us in int8 vs 8 us in fp32). So do the Linears in keep_fp32: those whose input mixes scales that one
-    per-call activation scale cannot hold. Returns whether any weight was quantized. dequantize_linears undoes it."""
+def quantize_linears(model: nn.Module, min_numel: int = QUANTIZE_MIN_NUMEL, keep_fp32=(),
+                     weight_only: bool = False) -> bool:
+    """Give every `Linear` of model with at least min_numel weights an int8 copy (quantize_weight, of the kind
+    weight_only says, replacing copies of the other kind), used for all its inputs from then on; a FusedInput's
+    group gets one stacked copy instead. Smaller weights stay fp32: the dynamic op's per-call quantization costs
+    more than the bytes it saves there (measured: a 64 x 32 weight takes 44 us in int8 vs 8 us in fp32). So do the
+    Linears in keep_fp32: those whose input mixes scales that one per-call activation scale cannot hold. Returns
+    whether any weight was quantized. dequantize_linears undoes it."""
+    if any(is_weight_only(q) != weight_only for q in int8_copies(model)):
+        dequantize_linears(model)
+
     def single(m):
         if m.qpacked is None and m.weight.numel() >= min_numel and not any(m is k for k in keep_fp32):
-            m.qpacked = quantize_weight(m.weight, m.bias)
+            m.qpacked = quantize_weight(m.weight, m.bias, weight_only)
 
-    if not for_each_weight(model, can_quantize, lambda m: m.quantize_group(min_numel), single):
+    can = skinny_usable if weight_only else can_quantize
+    if not for_each_weight(model, can, lambda m: m.quantize_group(min_numel, weight_only), single):
         return False
     return any(isinstance(m, Linear) and m.qpacked is not None or isinstance(m, FusedInput)
                and m.group_qpacked is not None for m in model.modules())
+
+
+def int8_copies(model: nn.Module) -> list:
+    """The int8 copies quantize_linears gave model's layers."""
+    return [q for m in model.modules() for q in (getattr(m, "qpacked", None), getattr(m, "group_qpacked", None))
+            if q is not None]
+
+
+def skinny_usable(weight: torch.Tensor) -> bool:
+    """Whether a weight can take the skinny kernel's weight-only int8 copy (fp32 on a CPU where the kernel builds)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and skinny_available()
 
 
 def dequantize_linears(model: nn.Module):

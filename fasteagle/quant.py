@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from fasteagle.errors import FastEagleError
 from fasteagle.kernels.skinny_gemm import skinny_linear_int8
-from fasteagle.linear import FusedInput, Linear, skinny_available
+from fasteagle.linear import FusedInput, Linear, quantize_int8, skinny_available
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # what _weight_int4pack_mm takes (it also takes 256)
@@ -60,13 +60,6 @@ CPU_BLOCK = 16  # the CPU int8 kernel reads inputs in blocks of 16
 
 
 # --- stored formats ----------------------------------------------------------------------------------------------
-
-
-def quantize_int8(w: torch.Tensor):
-    """[out, in] -> (q int8 [out, in], scale fp32 [out]), w ~= q * scale per output channel."""
-    w = w.detach().float()
-    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
-    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
 def quantize_int4(w: torch.Tensor, group_size: int):

@@ -3,7 +3,7 @@ use: an AR and an EAGLE-2 engine in one process, ten prompt lengths over every p
 runs with changing temperature / top-k / top-p, without reaching dynamo's recompile limit (fullgraph=True fails
 there); other prompt lengths in the same buckets and new sampling numbers reuse the compiled graphs. And compiled
 forwards write the KV cache in place: the generated code allocates no buffer the size of a layer's cache, and call
-the CPU few-row GEMM kernel where it builds. An EAGLE-3
+the CPU few-row GEMM kernel where it builds (the draft head's weight-only int8 variant too). An EAGLE-3
 head compiles into the same round and decodes exactly as in eager mode, and so do the other target families
 (Mixtral, Mistral's window, Qwen3)."""
 import math
@@ -78,6 +78,30 @@ def test_compiled_forwards_copy_no_cache_buffer(speculative):
     assert sizes and max(sizes) < cache_numel, sorted(sizes)[-4:]
     if skinny_available():  # the few-row projections run the CPU GEMM kernel inside the graphs too
         assert "fasteagle_cpu.skinny_linear" in code
+
+
+@pytest.mark.skipif(not skinny_available(), reason="the skinny GEMM kernel does not build here")
+def test_compiled_int8_head_equals_plain_decoding():
+    """Compiled, the head runs through the skinny kernel's weight-only int8 copies (fbgemm's dynamic op does not
+    trace): the round's graph calls the int8 kernel, and greedy output equals plain decoding token for token."""
+    from torch._inductor.utils import run_and_get_code
+
+    from fasteagle.linear import int8_copies, is_weight_only
+
+    target, head = predictable_pair(2.0, vocab=64, max_seq_len=128)
+    assert head.quantize(min_numel=0, weight_only=True)  # tiny weights: int8 only when asked for every size
+    compiled, ar = SpecEngine(target, head, compile=True, **TREE), SpecEngine(target)
+    copies = int8_copies(head) + [head.head_qpacked]
+    assert len(copies) >= 4 and all(is_weight_only(q) for q in copies)
+    lens = Counter()
+    for i in range(3):
+        prompt = [(5 * i + 3 * j + 1) % 64 for j in range(6 + 7 * i)]
+        out, codes = run_and_get_code(compiled.generate, prompt, 24)
+        assert out.tokens == ar.generate(prompt, 24).tokens, prompt
+        lens.update(out.accept_lens)
+        if i == 0:
+            assert "fasteagle_cpu.skinny_linear_int8" in "\n".join(codes)
+    assert max(lens) > 1
 
 
 def test_compiled_eagle3_equals_eager():

@@ -6,7 +6,7 @@ import torch
 
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.engine import SpecEngine
-from fasteagle.linear import can_quantize
+from fasteagle.linear import can_quantize, int8_copies, is_weight_only, skinny_available
 from test_spec_greedy import prompts
 from tiny import predictable_pair, with_draft_vocab
 
@@ -113,4 +113,31 @@ def test_cost_cache_keys_the_int8_path(pair):
 
     target, head = pair
     assert costs_key(target, head, False, True) != costs_key(target, head, False, False)
-    assert costs_key(target, head, True, True) == costs_key(target, head, True, False)  # compiled: fp32 only
+    assert costs_key(target, head, True, True) != costs_key(target, head, True, False)  # compiled: weight-only int8
+    assert costs_key(target, head, True, True) != costs_key(target, head, False, True)
+
+
+@pytest.mark.skipif(not skinny_available(), reason="the skinny GEMM kernel does not build here")
+def test_weight_only_int8_head_proposes_like_fp32_and_replaces_the_other_kind(pair):
+    """Compiled engines quantize the head weight-only (the skinny kernel's int8 variant: fp32 activations, no
+    per-call scale), fc included in the rule that keeps it fp32; a head quantized the other way is requantized."""
+    target, head = pair
+    head.quantize(False)
+    out32, (logp32, ids32) = head_outputs(head, target)
+    try:
+        assert head.quantize(min_numel=0)  # fbgemm's kind first
+        assert not is_weight_only(head.head_qpacked)
+        assert head.quantize(min_numel=0, weight_only=True)
+        copies = int8_copies(head) + [head.head_qpacked]
+        assert len(copies) >= 4 and all(is_weight_only(q) for q in copies) and head.fc.qpacked is None
+        out8, (logp8, ids8) = head_outputs(head, target)
+        assert not torch.equal(logp8, logp32)
+        torch.testing.assert_close(out8, out32, atol=0.02 * out32.abs().max().item(), rtol=0)
+        assert (ids8[:, 0] == ids32[:, 0]).float().mean() >= 0.8
+        assert cpu_fast_paths(target, head, int8=True, compiled=True)  # the engine's compiled choice: the same kind
+        assert all(is_weight_only(q) for q in int8_copies(head) + [head.head_qpacked])
+    finally:
+        head.quantize(False)
+    out, (_, ids) = head_outputs(head, target)
+    torch.testing.assert_close(out, out32, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ids, ids32)
