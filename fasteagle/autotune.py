@@ -37,7 +37,7 @@ from fasteagle.download import DEFAULT_HEAD
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
 from fasteagle.linear import is_skinny, packed_min_rows
-from fasteagle.model import causal_mask, kv_caches
+from fasteagle.model import MIN_WINDOW, buckets, causal_mask, kv_caches
 from fasteagle.tp import from_rank0
 from fasteagle.tree import build_dynamic_tree
 from fasteagle.verify import accept
@@ -49,7 +49,7 @@ DRAFT_GRID = (1, 2, 4, 8, 16)
 # interpolated (round_cost)
 VERIFY_GRID_COMPILED = (1, 2, 4, 8, 16, 32)
 DRAFT_GRID_COMPILED = (1, 2, 4, 8)
-COSTS_VERSION = "9"  # bump when the engine's forwards change what the cached timings measured (9: compiled int8 heads)
+COSTS_VERSION = "10"  # bump when what the cached timings measure changes (10: compiled int8 heads, key windows)
 # shapes calibrated (and their trees timed) by default: chains, one-level fans and small trees (what a CPU can
 # afford) up to the reference's 60-token tree
 CANDIDATES = ((1, 1, 2), (2, 1, 3), (3, 1, 4), (4, 1, 5), (1, 2, 3), (1, 3, 4), (1, 4, 5), (1, 6, 7), (2, 2, 4),
@@ -96,8 +96,8 @@ def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: boo
     if dev.type == "cpu":  # as a SpecEngine runs them
         cpu_fast_paths(target, head, draft_int8, compiled=compiled)
     size = target.max_seq_len
-    if size < context + max(VERIFY_GRID):  # a cache sized for a short generation: time with a big enough one
-        target.setup_cache(context + max(VERIFY_GRID), attn_backend=target.attn_backend)
+    if size < key_window(context):  # a cache sized for a short generation: time with a big enough one
+        target.setup_cache(key_window(context), attn_backend=target.attn_backend)
     if head is not None:
         block = max(max(d - 1, 1) * k for d, k, _ in CANDIDATES)  # a candidate tree's draft slots past L
         head.setup_cache(target.max_seq_len + max(max(DRAFT_GRID), block), attn_backend=target.attn_backend)
@@ -114,13 +114,22 @@ def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: boo
             target.setup_cache(size, attn_backend=target.attn_backend)
 
 
+def key_window(context: int) -> int:
+    """The key window (model.py's kv_len) of the timed steps at `context` cached tokens: as the engine picks one
+    (SpecEngine._window), the smallest bucket covering the context and the widest step timed. Attention then reads
+    what it reads in a real step, whatever the size of the cache the timings run in (over a whole 4,096-slot cache
+    SmolLM2's compiled verify(8) timed 2.1x the AR step instead of 1.2x, and the chooser took 4-token trees)."""
+    return next(b for b in buckets(MIN_WINDOW, 1 << 30) if b >= context + max(VERIFY_GRID))
+
+
 def _verify_fn(target, n, L):
     """One target forward over n tokens at cached length L, with the LM head: verify(n); n = 1 is the AR step."""
     dev = L.device
     tok = torch.zeros(1, n, dtype=torch.long, device=dev)
     pos = L[:, None] + torch.arange(n, device=dev)[None]
     mask = causal_mask(n, dev)
-    return lambda: target.logits(target(tok, pos, L, mask)).argmax(-1)
+    window = key_window(int(L[0]))
+    return lambda: target.logits(target(tok, pos, L, mask, window)).argmax(-1)
 
 
 def _ar_step(target, context, reps) -> float:
@@ -131,6 +140,7 @@ def _ar_step(target, context, reps) -> float:
 def _measure(target, head, context, reps, dev, run_as, verify_grid, draft_grid, tree: bool = True):
     """run_as(fn): how each phase runs (eager: as is; compiled: its own graph)."""
     L = torch.full((1,), context, dtype=torch.long, device=dev)
+    window = key_window(context)
     # the verify grid decides most: thrice the repetitions (a shared machine's noise moved it by ~10% at 3)
     costs = {"verify": _timeit({n: run_as(_verify_fn(target, n, L)) for n in verify_grid}, dev, 3 * reps)}
     costs["ar"] = costs["verify"][1]
@@ -147,26 +157,26 @@ def _measure(target, head, context, reps, dev, run_as, verify_grid, draft_grid, 
             eye = torch.eye(m, dtype=torch.bool, device=dev)
 
             def run():
-                out = head(tok, f, pos, L, eye)
+                out = head(tok, f, pos, L, eye, window)
                 return head.topk(out[0], min(10, head.args.vocab_size)) if topk else out
             return run
 
         costs["draft"] = _timeit({m: run_as(step(m, True)) for m in draft_grid}, dev, reps)
         costs["extend"] = _timeit({m: run_as(step(m, False)) for m in draft_grid}, dev, reps)
         if tree:
-            costs["tree"] = _timeit({_key(Shape(*s)): tree_phase(target, head, Shape(*s), L, feat[0, 0])
+            costs["tree"] = _timeit({_key(Shape(*s)): tree_phase(target, head, Shape(*s), L, feat[0, 0], window)
                                      for s in CANDIDATES}, dev, reps)
     return costs
 
 
-def tree_phase(target, head, s: Shape, L, root_out):
+def tree_phase(target, head, s: Shape, L, root_out, window: int | None = None):
     """A round's work besides the verify forward and the extend: build the tree, accept, commit (a chain skips the
-    commit, as the engine does)."""
+    commit, as the engine does). window: the head's key window."""
     commit = kv_commit if target.attn_backend == "triton" else kv_commit_reference
     root = torch.zeros(1, dtype=torch.long, device=L.device)
 
     def run():
-        tree = build_dynamic_tree(head, root, root_out, L, s.depth, s.top_k, s.total_tokens)
+        tree = build_dynamic_tree(head, root, root_out, L, s.depth, s.top_k, s.total_tokens, kv_len=window)
         _, path, _ = accept(tree, tree.tokens)
         if s.top_k > 1:
             for cache in kv_caches(target):
@@ -233,8 +243,8 @@ def probe_ar(target, head, context: int = 256, reps: int = 5, compiled: bool = F
     if not compiled and dev.type == "cpu":
         cpu_fast_paths(target, head, draft_int8)
     size = target.max_seq_len
-    if size < context + 1:
-        target.setup_cache(context + 1, attn_backend=target.attn_backend)
+    if size < key_window(context):
+        target.setup_cache(key_window(context), attn_backend=target.attn_backend)
     try:
         return _ar_step(target, context, reps)
     finally:

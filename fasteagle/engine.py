@@ -22,7 +22,7 @@ from fasteagle.compiling import compile_phase
 from fasteagle.draft import cpu_fast_paths
 from fasteagle.errors import FastEagleError
 from fasteagle.kernels.kv_commit import kv_commit, kv_commit_reference
-from fasteagle.model import causal_mask, kv_caches
+from fasteagle.model import MIN_WINDOW, buckets, causal_mask, kv_caches
 from fasteagle.sampling import DeviceParams, SamplingParams, choose_tokens, sampling_noise
 from fasteagle.tp import same_seed
 from fasteagle.tree import MC_SIM_7B_63, StaticTreeShape, build_dynamic_tree, build_static_tree, dynamic_tree_size
@@ -30,16 +30,7 @@ from fasteagle.verify import accept
 
 # EAGLE-2 defaults of the reference's evaluation scripts (total_token=60, depth=5 -> 6 levels here, top_k=10)
 DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS = 6, 10, 60
-MIN_PROMPT_BUCKET, MIN_WINDOW = 16, 128
-
-
-def buckets(lo: int, hi: int) -> list[int]:
-    """lo, 2 lo, 4 lo, ... below hi, then hi: the fixed lengths the compiled graphs are specialised to."""
-    out = []
-    while lo < hi:
-        out.append(lo)
-        lo *= 2
-    return out + [hi]
+MIN_PROMPT_BUCKET = 16
 
 
 @dataclass

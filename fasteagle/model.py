@@ -344,5 +344,18 @@ def run_layers(model: nn.Module, x, positions, cache_len, attn_mask, kv_len: int
     return (x, torch.cat(tapped, -1)) if taps else x
 
 
+MIN_WINDOW = 128  # the smallest key window (kv_len) the engine gives a step
+
+
+def buckets(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... below hi, then hi: the fixed lengths (prompt buckets, key windows) compiled graphs are
+    specialised to."""
+    out = []
+    while lo < hi:
+        out.append(lo)
+        lo *= 2
+    return out + [hi]
+
+
 def causal_mask(T: int, device=None) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
