@@ -117,8 +117,9 @@ def measure_costs(target, head, context: int = 256, reps: int = 3, compiled: boo
 def key_window(context: int) -> int:
     """The key window (model.py's kv_len) of the timed steps at `context` cached tokens: as the engine picks one
     (SpecEngine._window), the smallest bucket covering the context and the widest step timed. Attention then reads
-    what it reads in a real step, whatever the size of the cache the timings run in (over a whole 4,096-slot cache
-    SmolLM2's compiled verify(8) timed 2.1x the AR step instead of 1.2x, and the chooser took 4-token trees)."""
+    what it reads in a real step, whatever the size of the cache the timings run in (over bench's whole 4,096-slot
+    cache, SmolLM2's compiled verify(8) timed 1.7-1.8x the AR step instead of 1.2x, and the chooser predicted 1.15x
+    AR for its best shape, a 4-token tree, instead of 1.43x for an 8-token one)."""
     return next(b for b in buckets(MIN_WINDOW, 1 << 30) if b >= context + max(VERIFY_GRID))
 
 
