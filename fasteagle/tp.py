@@ -20,6 +20,7 @@ differ is host-side: the sampling seed (same_seed) and the measured costs the sh
 Each rank reads only its slice of each weight from model.safetensors (safetensors' lazy slices: `shard_of`
 tells checkpoint.load_weights which dimension of which tensor to cut).
 """
+import atexit
 import hashlib
 import os
 from dataclasses import dataclass
@@ -49,10 +50,29 @@ def from_env(device: str) -> TP | None:
     if world <= 1:
         return None
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        join("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return TP(dist.get_rank(), dist.get_world_size())
+
+
+def join(backend: str, **init_kwargs):
+    """dist.init_process_group, set up to leave cleanly at exit (shutdown). A gloo group still alive when the
+    interpreter finalizes aborts the process there ("terminate called without an active exception": its worker
+    threads stop after Python has shut threads out), in about a quarter of 2-rank CPU runs, after their work is
+    done. Two things kept the group alive past destroy_process_group (torch 2.13): importing torch._dynamo after the
+    group exists (torch.compile does, and so does the first eager funcol.all_reduce), hence the import here; and a
+    compiled graph that read the group object (the all-reduce hooks hold its name instead)."""
+    import torch._dynamo  # noqa: F401  (before the group: see above)
+
+    dist.init_process_group(backend, **init_kwargs)
+    atexit.register(shutdown)
+
+
+def shutdown():
+    """Leave the process group, if this process is in one (join registers this to run at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check(args, world: int):
@@ -79,10 +99,14 @@ def shard_of(name: str, tp: TP | None):
 
 
 def _all_reduce_hook(group):
+    """Sum a row-parallel layer's output over the group. The hook holds the group's name, not the group: a compiled
+    graph that read the group object would keep it alive past shutdown (see join)."""
     from torch.distributed import _functional_collectives as funcol
 
+    name = (group or dist.group.WORLD).group_name
+
     def hook(module, inputs, output):
-        return funcol.all_reduce(output, "sum", group or dist.group.WORLD)
+        return funcol.all_reduce(output, "sum", name)
     return hook
 
 

@@ -8,10 +8,11 @@ noise's resolution at this size)."""
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fasteagle.checkpoint import atomic_output_dir, load_target, write_checkpoint
@@ -19,7 +20,7 @@ from fasteagle.draft import load_draft, save_draft
 from fasteagle.engine import SpecEngine
 from fasteagle.errors import FastEagleError
 from fasteagle.sampling import SamplingParams
-from fasteagle.tp import TP, check
+from fasteagle.tp import check, from_env
 from tiny import predictable_pair, tiny_args
 
 PROMPTS = [[3, 9, 1, 30, 7], [5] * 11 + [2, 8]]
@@ -69,12 +70,13 @@ def free_port() -> int:
 
 
 def worker(rank: int, world: int, port: int, job: dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """One rank, set up as under torchrun (tp.from_env), which also leaves the group at exit: a rank that aborts
+    while exiting fails the test."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    tp = from_env("cpu")
     result = {}
     try:
-        tp = TP(rank, world)
         ckpt = job["other"] if rank == 1 and job.get("other") else job["target"]
         try:
             target, _ = load_target(ckpt, max_seq_len=128, tp=tp)
@@ -92,7 +94,6 @@ def worker(rank: int, world: int, port: int, job: dict):
     finally:
         with open(os.path.join(job["out"], f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-        dist.destroy_process_group()
 
 
 def run_ranks(tmp_path, job: dict, world: int = 2) -> list[dict]:
@@ -137,3 +138,34 @@ def test_ranks_with_different_checkpoints_fail(models, tmp_path):
 def test_unsplittable_targets_are_refused(kw, world, what):
     with pytest.raises(FastEagleError, match=what):
         check(tiny_args(dim=48, **kw), world)
+
+
+LEAVE = """
+import glob, sys, torch, torch.distributed as dist
+from fasteagle import tp
+def gloo_threads():
+    return sum(open(f).read().startswith("pt_gloo") for f in glob.glob("/proc/self/task/*/comm"))
+init = dict(rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[1])
+tp.join("gloo", **init) if sys.argv[2] == "join" else dist.init_process_group("gloo", **init)
+assert gloo_threads() > 0, "gloo's worker threads are not named as this test expects"
+x, hook = torch.arange(6.0), tp._all_reduce_hook(None)
+assert torch.equal(hook(None, None, x) + 0, x)  # one rank: the sum is the input
+assert torch.equal(torch.compile(hook)(None, None, x), x)
+tp.shutdown()
+print(gloo_threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="counts threads through Linux's /proc")
+def test_leaving_the_group_stops_its_threads():
+    """After the layers' all-reduces, eager and compiled, leaving must free the gloo group at once: one still alive at
+    interpreter exit aborts the process there (tp.join). A fresh process each, as a rank is; the control, a group
+    joined without tp.join, stays alive."""
+    def threads_left(how):
+        run = subprocess.run([sys.executable, "-c", LEAVE, str(free_port()), how], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return int(run.stdout.split()[-1])
+
+    assert threads_left("join") == 0
+    assert threads_left("plain") > 0  # the control: the test sees a group that outlives shutdown
